@@ -1,0 +1,51 @@
+//! Cooperative cancellation: SIGINT and SIGTERM set a flag that long loops check, so that
+//! a stopped backup still removes its checkpoints and releases the server's backup stage.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// A cheap, cloneable handle to "has a stop signal arrived?".
+#[derive(Clone, Default)]
+pub struct Cancel {
+    signal: Arc<AtomicUsize>,
+}
+
+impl Cancel {
+    /// A token that is never cancelled (for library users and tests).
+    pub fn never() -> Cancel {
+        Cancel::default()
+    }
+
+    /// Routes SIGINT and SIGTERM to this token instead of killing the process.
+    pub fn on_signals() -> std::io::Result<Cancel> {
+        let cancel = Cancel::default();
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            signal_hook::flag::register_usize(sig, cancel.signal.clone(), sig as usize)?;
+        }
+        Ok(cancel)
+    }
+
+    /// `Err(Interrupted)` once a signal has arrived.
+    pub fn check(&self) -> Result<()> {
+        match self.signal.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            s if s == libc::SIGINT as usize => Err(Error::Interrupted("SIGINT")),
+            _ => Err(Error::Interrupted("SIGTERM")),
+        }
+    }
+
+    /// Sleeps up to `duration`, waking early (with an error) when a signal arrives.
+    pub fn sleep(&self, duration: std::time::Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + duration;
+        loop {
+            self.check()?;
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
+            std::thread::sleep((deadline - now).min(std::time::Duration::from_millis(50)));
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The command line: four subcommands, plus the original `myrocks_hotbackup` invocation
+//! (no subcommand, `--snake_case` flags), which is mapped onto them so that existing scripts
+//! keep working. Every `--long_flag` may also be spelled `--long-flag` and vice versa.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+
+use clap::error::ErrorKind;
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
+
+use crate::archive::Format;
+
+const EXAMPLES: &str = "\
+Examples:
+  Back up a local server over its socket into a compressed file:
+    set -o pipefail
+    myrocks-hotbackup backup --socket /run/mysqld/mysqld.sock --stream xbstream | zstd > backup.xb.zst
+
+  Stream a backup to another host and unpack it there (no mbstream or tar needed there):
+    myrocks-hotbackup backup --stream tar | ssh backup-host myrocks-hotbackup extract -C /backups/today
+
+  Restore into an empty datadir, then start the server on it:
+    myrocks-hotbackup move-back --backup-dir /backups/today --datadir /var/lib/mysql
+
+The original tool's flags work unchanged, without a subcommand:
+    myrocks-hotbackup --user=root --stream=xbstream --checkpoint_dir=/data/snap > backup.xb
+    myrocks-hotbackup --move_back --datadir=D --rocksdb_datadir=D/#rocksdb --rocksdb_waldir=D/#rocksdb --backup_dir=B
+
+Credentials are read as the MySQL client tools read them: --password, MYSQL_PWD, then the
+[client] group of option files (--defaults-file, --defaults-extra-file, ~/.my.cnf).
+
+Exit codes: 0 success, 1 failure, 2 bad usage, 3 corrupt or unsafe input, 130 interrupted.";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "myrocks-hotbackup",
+    version,
+    about = "Hot backup and restore for MyRocks (MariaDB with the RocksDB storage engine)",
+    long_about = "Hot backup and restore for MyRocks (MariaDB with the RocksDB storage engine).\n\n\
+        `backup` copies a live server's RocksDB data through short-lived checkpoints, plus its \
+        schema and non-RocksDB files, at one consistent point in time whose binary log \
+        coordinates it records, and writes one tar or xbstream archive to stdout.",
+    after_help = EXAMPLES
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Back up a running server; the archive goes to stdout, progress to stderr
+    #[command(disable_help_flag = true)]
+    Backup(BackupArgs),
+    /// Move an extracted backup into empty data directories (the backup directory is emptied)
+    MoveBack(RestoreArgs),
+    /// Copy an extracted backup into empty data directories (the backup is kept)
+    CopyBack(RestoreArgs),
+    /// Unpack a tar or xbstream stream into a directory, verifying it as it goes
+    Extract(ExtractArgs),
+}
+
+/// How to reach the server. Values not given here come from MYSQL_PWD and option files.
+#[derive(Args, Clone, Default)]
+pub struct ConnectionArgs {
+    /// Server host, reached over TCP [default: the local socket]
+    #[arg(short = 'h', long)]
+    pub host: Option<String>,
+    /// TCP port [default: 3306]
+    #[arg(short = 'P', long)]
+    pub port: Option<u16>,
+    /// Unix socket of the server
+    #[arg(short = 'S', long)]
+    pub socket: Option<PathBuf>,
+    /// User name [default: your login name]
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// Password; prefer MYSQL_PWD or an option file, a command line is visible to other users
+    #[arg(short = 'p', long, value_name = "PASSWORD")]
+    pub password: Option<String>,
+    /// Read options only from this file
+    #[arg(long, value_name = "FILE")]
+    pub defaults_file: Option<PathBuf>,
+    /// Read this option file after the usual ones
+    #[arg(long, value_name = "FILE")]
+    pub defaults_extra_file: Option<PathBuf>,
+    /// Read no option files
+    #[arg(long)]
+    pub no_defaults: bool,
+}
+
+impl fmt::Debug for ConnectionArgs {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.debug_struct("ConnectionArgs")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("socket", &self.socket)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("defaults_file", &self.defaults_file)
+            .field("defaults_extra_file", &self.defaults_extra_file)
+            .field("no_defaults", &self.no_defaults)
+            .finish()
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub conn: ConnectionArgs,
+    /// Archive format written to stdout
+    #[arg(short = 's', long, value_enum, default_value = "tar")]
+    pub stream: Format,
+    /// Where the temporary checkpoints go; must be on the RocksDB data's filesystem
+    /// [default: #myrocks_hotbackup beside the RocksDB data directory]
+    #[arg(short = 'c', long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Seconds after which a checkpoint is renewed, so it never pins deleted SST files for long
+    #[arg(short = 'i', long, value_name = "SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub interval: u64,
+    /// The server's datadir as seen from here, if not the path the server reports
+    #[arg(short = 'd', long, value_name = "DIR")]
+    pub datadir: Option<PathBuf>,
+    /// Back up although user tables use InnoDB: leave them out and list them in the manifest
+    #[arg(long)]
+    pub skip_innodb_tables: bool,
+    /// Accepted for compatibility; BACKUP STAGE BLOCK_DDL already keeps .frm files consistent
+    #[arg(short = 'f', long)]
+    pub skip_check_frm_timestamp: bool,
+    /// Testing aid: before the consistent point, wait until this file exists
+    #[arg(short = 'D', long, value_name = "FILE")]
+    pub debug_signal_file: Option<PathBuf>,
+    /// Print help
+    #[arg(long, action = ArgAction::Help)]
+    help: Option<bool>,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The extracted backup
+    #[arg(short = 'b', long, value_name = "DIR")]
+    pub backup_dir: PathBuf,
+    /// Target datadir: must be empty or absent
+    #[arg(short = 'd', long, value_name = "DIR")]
+    pub datadir: PathBuf,
+    /// Target for RocksDB data files [default: DATADIR/#rocksdb]
+    #[arg(short = 'r', long, value_name = "DIR")]
+    pub rocksdb_datadir: Option<PathBuf>,
+    /// Target for RocksDB WAL files [default: the RocksDB data directory]
+    #[arg(short = 'w', long, value_name = "DIR")]
+    pub rocksdb_waldir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExtractArgs {
+    /// Directory to extract into (created if missing; existing files are never overwritten)
+    #[arg(short = 'C', long, value_name = "DIR", default_value = ".")]
+    pub directory: PathBuf,
+    /// The stream to read [default: stdin]
+    pub input: Option<PathBuf>,
+}
+
+/// The original tool's options, as its scripts pass them.
+#[derive(Parser, Debug)]
+#[command(name = "myrocks-hotbackup", about = "The original myrocks_hotbackup invocation")]
+struct LegacyArgs {
+    #[arg(short = 'i', long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    interval: u64,
+    #[arg(short = 'c', long)]
+    checkpoint_dir: Option<PathBuf>,
+    #[arg(short = 'd', long)]
+    datadir: Option<PathBuf>,
+    #[arg(short = 's', long, default_value = "tar")]
+    stream: String,
+    #[arg(long)]
+    destination: Option<String>,
+    #[arg(long)]
+    avg_mbytes_per_sec: Option<u64>,
+    #[arg(long, allow_hyphen_values = true)]
+    extra_wdt_sender_options: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    extra_wdt_receiver_options: Option<String>,
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    #[arg(short = 'p', long)]
+    password: Option<String>,
+    #[arg(short = 'P', long, default_value_t = 3306)]
+    port: u16,
+    #[arg(short = 'S', long)]
+    socket: Option<PathBuf>,
+    #[arg(short = 'm', long)]
+    move_back: bool,
+    #[arg(short = 'r', long)]
+    rocksdb_datadir: Option<PathBuf>,
+    #[arg(short = 'w', long)]
+    rocksdb_waldir: Option<PathBuf>,
+    #[arg(short = 'b', long)]
+    backup_dir: Option<PathBuf>,
+    #[arg(short = 'f', long)]
+    skip_check_frm_timestamp: bool,
+    #[arg(short = 'D', long)]
+    debug_signal_file: Option<PathBuf>,
+}
+
+impl LegacyArgs {
+    fn into_command(self) -> Result<Command, clap::Error> {
+        let usage = |msg: String| LegacyArgs::command().error(ErrorKind::ArgumentConflict, msg);
+        if self.move_back {
+            let (Some(backup_dir), Some(datadir), Some(rocksdb_datadir), Some(rocksdb_waldir)) =
+                (self.backup_dir, self.datadir, self.rocksdb_datadir, self.rocksdb_waldir)
+            else {
+                return Err(LegacyArgs::command().error(
+                    ErrorKind::MissingRequiredArgument,
+                    "--move_back needs --backup_dir, --datadir, --rocksdb_datadir and --rocksdb_waldir",
+                ));
+            };
+            return Ok(Command::MoveBack(RestoreArgs {
+                backup_dir,
+                datadir,
+                rocksdb_datadir: Some(rocksdb_datadir),
+                rocksdb_waldir: Some(rocksdb_waldir),
+            }));
+        }
+        let stream = match self.stream.as_str() {
+            "tar" => Format::Tar,
+            "xbstream" => Format::Xbstream,
+            "wdt" => {
+                return Err(usage(
+                    "--stream=wdt needs Facebook's WDT, which this tool does not run; \
+                     use --stream=xbstream or --stream=tar through ssh instead"
+                        .into(),
+                ))
+            }
+            other => return Err(usage(format!("--stream={other}: use tar or xbstream"))),
+        };
+        // The original connected over TCP to 127.0.0.1 unless given a socket.
+        let host = self.socket.is_none().then(|| "127.0.0.1".to_string());
+        Ok(Command::Backup(BackupArgs {
+            conn: ConnectionArgs {
+                host,
+                port: Some(self.port),
+                socket: self.socket,
+                user: self.user,
+                password: self.password,
+                ..ConnectionArgs::default()
+            },
+            stream,
+            checkpoint_dir: self.checkpoint_dir,
+            interval: self.interval,
+            datadir: self.datadir,
+            skip_innodb_tables: false,
+            skip_check_frm_timestamp: self.skip_check_frm_timestamp,
+            debug_signal_file: self.debug_signal_file,
+            help: None,
+        }))
+    }
+}
+
+/// Parses a full argument vector (program name first).
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, clap::Error> {
+    let args = normalize(args);
+    let first = args.get(1).and_then(|a| a.to_str());
+    let modern = matches!(
+        first,
+        Some("backup" | "move-back" | "copy-back" | "extract" | "help" | "-h" | "--help" | "-V" | "--version")
+    );
+    if modern {
+        Cli::try_parse_from(args).map(|cli| cli.command)
+    } else {
+        LegacyArgs::try_parse_from(args)?.into_command()
+    }
+}
+
+/// Spells every `--long_flag` as `--long-flag`, up to a `--` terminator.
+fn normalize(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut done = false;
+    args.into_iter()
+        .map(|arg| {
+            let Some(s) = arg.to_str().filter(|s| !done && s.starts_with("--")) else {
+                return arg;
+            };
+            if s == "--" {
+                done = true;
+                return arg;
+            }
+            let (name, value) = s.split_at(s.find('=').unwrap_or(s.len()));
+            OsString::from(format!("{}{value}", name.replace('_', "-")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_strs(args: &[&str]) -> Result<Command, clap::Error> {
+        parse(std::iter::once("myrocks-hotbackup").chain(args.iter().copied()).map(OsString::from))
+    }
+
+    #[test]
+    fn original_backup_invocation_maps_to_backup() {
+        let cmd = parse_strs(&[
+            "--user=bk", "--password", "pw", "--port=3307", "--stream=xbstream",
+            "--checkpoint_dir=/data/snap", "--interval=60", "-f",
+        ])
+        .unwrap();
+        let Command::Backup(b) = cmd else { panic!("not a backup: {cmd:?}") };
+        assert_eq!(b.stream, Format::Xbstream);
+        assert_eq!(b.checkpoint_dir, Some(PathBuf::from("/data/snap")));
+        assert_eq!(b.interval, 60);
+        assert_eq!(b.conn.user.as_deref(), Some("bk"));
+        assert_eq!(b.conn.password.as_deref(), Some("pw"));
+        assert_eq!(b.conn.host.as_deref(), Some("127.0.0.1"));
+        assert_eq!(b.conn.port, Some(3307));
+        assert!(b.skip_check_frm_timestamp);
+    }
+
+    #[test]
+    fn original_short_flags_and_socket() {
+        let cmd = parse_strs(&["-u", "root", "-S", "/tmp/s", "-s", "tar", "-c", "/snap", "-i", "5"]).unwrap();
+        let Command::Backup(b) = cmd else { panic!() };
+        assert_eq!(b.conn.socket, Some(PathBuf::from("/tmp/s")));
+        assert_eq!(b.conn.host, None, "a socket means no TCP host");
+        assert_eq!(b.interval, 5);
+    }
+
+    #[test]
+    fn original_move_back_needs_all_four_directories() {
+        let cmd = parse_strs(&[
+            "--move_back", "--datadir=/d", "--rocksdb_datadir=/d/r", "--rocksdb_waldir=/d/w", "--backup_dir=/b",
+        ])
+        .unwrap();
+        let Command::MoveBack(r) = cmd else { panic!() };
+        assert_eq!(r.rocksdb_waldir, Some(PathBuf::from("/d/w")));
+        let err = parse_strs(&["-m", "--datadir=/d"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--backup_dir"), "{err}");
+    }
+
+    #[test]
+    fn wdt_is_refused_with_an_explanation() {
+        let err = parse_strs(&["--stream=wdt", "--destination=h", "--backup_dir=/b"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("WDT"), "{err}");
+    }
+
+    #[test]
+    fn hyphens_and_underscores_are_interchangeable() {
+        for flag in ["--checkpoint-dir=/x", "--checkpoint_dir=/x"] {
+            let Command::Backup(b) = parse_strs(&["backup", flag]).unwrap() else { panic!() };
+            assert_eq!(b.checkpoint_dir, Some(PathBuf::from("/x")));
+        }
+        let Command::CopyBack(r) = parse_strs(&["copy-back", "--backup_dir", "/b", "--datadir", "/d"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.backup_dir, PathBuf::from("/b"));
+    }
+
+    #[test]
+    fn values_after_the_terminator_are_untouched() {
+        assert_eq!(
+            normalize(["x", "--a_b=c_d", "--", "--e_f"].map(OsString::from)),
+            ["x", "--a-b=c_d", "--", "--e_f"].map(OsString::from)
+        );
+    }
+
+    #[test]
+    fn backup_takes_h_for_host() {
+        let Command::Backup(b) = parse_strs(&["backup", "-h", "db1", "-P", "3307"]).unwrap() else { panic!() };
+        assert_eq!(b.conn.host.as_deref(), Some("db1"));
+    }
+
+    #[test]
+    fn bad_stream_and_interval_are_usage_errors() {
+        assert_eq!(parse_strs(&["backup", "--stream", "zip"]).unwrap_err().exit_code(), 2);
+        assert_eq!(parse_strs(&["backup", "--interval", "0"]).unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn debug_output_hides_the_password() {
+        let Command::Backup(b) = parse_strs(&["backup", "-p", "s3cret"]).unwrap() else { panic!() };
+        assert!(!format!("{b:?}").contains("s3cret"));
+    }
+}

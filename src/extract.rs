@@ -1,0 +1,219 @@
+//! `extract`: unpacks a tar or xbstream stream into a directory, safely. Nothing lands
+//! outside the target (no absolute paths, no `..`, no symlinked parents), nothing existing
+//! is overwritten, and when the stream turns out damaged everything this run created is
+//! removed again, so that a half-extracted backup can never be mistaken for a whole one.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Cursor, ErrorKind, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use crate::archive::{self, safe_components, Attrs, Format, Unpack};
+use crate::error::{Error, IoContext, Result};
+use crate::source::read_full;
+
+/// What an extraction produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub format: Format,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Extracts the stream `input` into `target` (created if missing; its parent must exist).
+pub fn extract(input: &mut dyn Read, target: &Path) -> Result<Summary> {
+    let mut head = vec![0u8; crate::archive::tar::BLOCK];
+    let n = read_full(input, &mut head).context(|| "cannot read the input stream".into())?;
+    head.truncate(n);
+    let format = Format::detect(&head)?;
+    let mut stream = Cursor::new(head).chain(input);
+    let mut unpacker = Extractor::new(target)?;
+    let result = match format {
+        Format::Tar => archive::tar::read(&mut stream, &mut unpacker),
+        Format::Xbstream => archive::xbstream::read(&mut stream, &mut unpacker),
+    }
+    .and_then(|files| unpacker.finish().map(|()| files));
+    match result {
+        Ok(files) => Ok(Summary {
+            format,
+            files,
+            bytes: unpacker.bytes,
+        }),
+        Err(err) => {
+            unpacker.remove_created();
+            Err(err)
+        }
+    }
+}
+
+/// Creates files under a root directory as an archive reader decodes them.
+struct Extractor {
+    root: PathBuf,
+    open: HashMap<String, (File, u64)>,
+    /// Everything this run created, in creation order, for the clean-up after a failure.
+    created: Vec<PathBuf>,
+    known_dirs: HashSet<PathBuf>,
+    dir_attrs: Vec<(PathBuf, Attrs)>,
+    bytes: u64,
+}
+
+impl Extractor {
+    fn new(root: &Path) -> Result<Extractor> {
+        let mut created = Vec::new();
+        match fs::symlink_metadata(root) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::Refused(format!(
+                    "{} exists and is not a directory",
+                    root.display()
+                )))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                fs::create_dir(root).with_path("create directory", root)?;
+                created.push(root.to_path_buf());
+            }
+            Err(e) => return Err(Error::io(format!("cannot stat {}", root.display()), e)),
+        }
+        Ok(Extractor {
+            root: root.to_path_buf(),
+            open: HashMap::new(),
+            created,
+            known_dirs: HashSet::from([root.to_path_buf()]),
+            dir_attrs: Vec::new(),
+            bytes: 0,
+        })
+    }
+
+    /// Makes sure `dir` (under the root) exists as a real directory, creating what is missing.
+    fn ensure_dir(&mut self, parts: &[&str]) -> Result<PathBuf> {
+        let mut dir = self.root.clone();
+        for part in parts {
+            dir.push(part);
+            if self.known_dirs.contains(&dir) {
+                continue;
+            }
+            match fs::symlink_metadata(&dir) {
+                Ok(md) if md.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::Refused(format!(
+                        "{} exists and is not a directory (symbolic links are not followed)",
+                        dir.display()
+                    )))
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    fs::create_dir(&dir).with_path("create directory", &dir)?;
+                    self.created.push(dir.clone());
+                }
+                Err(e) => return Err(Error::io(format!("cannot stat {}", dir.display()), e)),
+            }
+            self.known_dirs.insert(dir.clone());
+        }
+        Ok(dir)
+    }
+
+    fn create_file(&mut self, path: &str) -> Result<File> {
+        let parts = safe_components(path)?;
+        let Some((name, parents)) = parts.split_last() else {
+            return Err(Error::Corrupt(format!("the stream has a file with the empty name {path:?}")));
+        };
+        let full = self.ensure_dir(parents)?.join(name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(&full)
+            .map_err(|e| match e.kind() {
+                ErrorKind::AlreadyExists => Error::Refused(format!(
+                    "{} already exists; extract refuses to overwrite files",
+                    full.display()
+                )),
+                _ => Error::io(format!("cannot create {}", full.display()), e),
+            })?;
+        self.created.push(full);
+        Ok(file)
+    }
+
+    /// Closes every file and applies directory attributes, then makes it all durable.
+    fn finish(&mut self) -> Result<()> {
+        assert!(self.open.is_empty(), "readers end every file they start");
+        for (dir, attrs) in self.dir_attrs.iter().rev() {
+            set_attrs(dir, None, *attrs)?;
+        }
+        let root = File::open(&self.root).with_path("open", &self.root)?;
+        if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
+            return Err(Error::io(
+                format!("cannot sync {}", self.root.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn remove_created(&mut self) {
+        self.open.clear();
+        for path in self.created.iter().rev() {
+            let _ = fs::remove_file(path).or_else(|_| fs::remove_dir(path));
+        }
+    }
+}
+
+impl Unpack for Extractor {
+    fn write(&mut self, path: &str, offset: u64, data: &[u8]) -> Result<()> {
+        if !self.open.contains_key(path) {
+            assert_eq!(offset, 0, "readers check that files start at offset 0");
+            let file = self.create_file(path)?;
+            self.open.insert(path.to_string(), (file, 0));
+        }
+        let (file, written) = self.open.get_mut(path).expect("inserted above");
+        assert_eq!(offset, *written, "readers check that offsets are contiguous");
+        file.write_all(data)
+            .context(|| format!("cannot write {} in {}", path, self.root.display()))?;
+        *written += data.len() as u64;
+        self.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    fn end_file(&mut self, path: &str, attrs: Option<Attrs>) -> Result<()> {
+        let file = match self.open.remove(path) {
+            Some((file, _)) => file,
+            None => self.create_file(path)?,
+        };
+        if let Some(attrs) = attrs {
+            set_attrs(Path::new(path), Some(&file), attrs)?;
+        }
+        Ok(())
+    }
+
+    fn directory(&mut self, path: &str, attrs: Option<Attrs>) -> Result<()> {
+        let parts = safe_components(path)?;
+        if parts.is_empty() {
+            return Ok(()); // `./`: the target itself, which we leave as it is
+        }
+        let dir = self.ensure_dir(&parts)?;
+        if let Some(attrs) = attrs {
+            self.dir_attrs.push((dir, attrs));
+        }
+        Ok(())
+    }
+}
+
+/// Applies mode and modification time, to an open file or (for directories) a path.
+fn set_attrs(path: &Path, file: Option<&File>, attrs: Attrs) -> Result<()> {
+    let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(attrs.mtime.max(0) as u64);
+    let perms = fs::Permissions::from_mode(attrs.mode);
+    match file {
+        Some(f) => f
+            .set_permissions(perms)
+            .and_then(|()| f.set_modified(mtime))
+            .with_path("set attributes of", path),
+        None => {
+            let f = File::open(path).with_path("open", path)?;
+            fs::set_permissions(path, perms)
+                .and_then(|()| f.set_modified(mtime))
+                .with_path("set attributes of", path)
+        }
+    }
+}
