@@ -164,7 +164,10 @@ pub struct ExtractArgs {
 
 /// The original tool's options, as its scripts pass them.
 #[derive(Parser, Debug)]
-#[command(name = "myrocks-hotbackup", about = "The original myrocks_hotbackup invocation")]
+#[command(
+    name = "myrocks-hotbackup",
+    about = "The original myrocks_hotbackup invocation"
+)]
 struct LegacyArgs {
     #[arg(short = 'i', long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     interval: u64,
@@ -208,9 +211,12 @@ impl LegacyArgs {
     fn into_command(self) -> Result<Command, clap::Error> {
         let usage = |msg: String| LegacyArgs::command().error(ErrorKind::ArgumentConflict, msg);
         if self.move_back {
-            let (Some(backup_dir), Some(datadir), Some(rocksdb_datadir), Some(rocksdb_waldir)) =
-                (self.backup_dir, self.datadir, self.rocksdb_datadir, self.rocksdb_waldir)
-            else {
+            let (Some(backup_dir), Some(datadir), Some(rocksdb_datadir), Some(rocksdb_waldir)) = (
+                self.backup_dir,
+                self.datadir,
+                self.rocksdb_datadir,
+                self.rocksdb_waldir,
+            ) else {
                 return Err(LegacyArgs::command().error(
                     ErrorKind::MissingRequiredArgument,
                     "--move_back needs --backup_dir, --datadir, --rocksdb_datadir and --rocksdb_waldir",
@@ -264,7 +270,17 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, clap::
     let first = args.get(1).and_then(|a| a.to_str());
     let modern = matches!(
         first,
-        Some("backup" | "move-back" | "copy-back" | "extract" | "help" | "-h" | "--help" | "-V" | "--version")
+        Some(
+            "backup"
+                | "move-back"
+                | "copy-back"
+                | "extract"
+                | "help"
+                | "-h"
+                | "--help"
+                | "-V"
+                | "--version"
+        )
     );
     if modern {
         Cli::try_parse_from(args).map(|cli| cli.command)
@@ -296,17 +312,29 @@ mod tests {
     use super::*;
 
     fn parse_strs(args: &[&str]) -> Result<Command, clap::Error> {
-        parse(std::iter::once("myrocks-hotbackup").chain(args.iter().copied()).map(OsString::from))
+        parse(
+            std::iter::once("myrocks-hotbackup")
+                .chain(args.iter().copied())
+                .map(OsString::from),
+        )
     }
 
     #[test]
     fn original_backup_invocation_maps_to_backup() {
         let cmd = parse_strs(&[
-            "--user=bk", "--password", "pw", "--port=3307", "--stream=xbstream",
-            "--checkpoint_dir=/data/snap", "--interval=60", "-f",
+            "--user=bk",
+            "--password",
+            "pw",
+            "--port=3307",
+            "--stream=xbstream",
+            "--checkpoint_dir=/data/snap",
+            "--interval=60",
+            "-f",
         ])
         .unwrap();
-        let Command::Backup(b) = cmd else { panic!("not a backup: {cmd:?}") };
+        let Command::Backup(b) = cmd else {
+            panic!("not a backup: {cmd:?}")
+        };
         assert_eq!(b.stream, Format::Xbstream);
         assert_eq!(b.checkpoint_dir, Some(PathBuf::from("/data/snap")));
         assert_eq!(b.interval, 60);
@@ -319,7 +347,10 @@ mod tests {
 
     #[test]
     fn original_short_flags_and_socket() {
-        let cmd = parse_strs(&["-u", "root", "-S", "/tmp/s", "-s", "tar", "-c", "/snap", "-i", "5"]).unwrap();
+        let cmd = parse_strs(&[
+            "-u", "root", "-S", "/tmp/s", "-s", "tar", "-c", "/snap", "-i", "5",
+        ])
+        .unwrap();
         let Command::Backup(b) = cmd else { panic!() };
         assert_eq!(b.conn.socket, Some(PathBuf::from("/tmp/s")));
         assert_eq!(b.conn.host, None, "a socket means no TCP host");
@@ -329,7 +360,11 @@ mod tests {
     #[test]
     fn original_move_back_needs_all_four_directories() {
         let cmd = parse_strs(&[
-            "--move_back", "--datadir=/d", "--rocksdb_datadir=/d/r", "--rocksdb_waldir=/d/w", "--backup_dir=/b",
+            "--move_back",
+            "--datadir=/d",
+            "--rocksdb_datadir=/d/r",
+            "--rocksdb_waldir=/d/w",
+            "--backup_dir=/b",
         ])
         .unwrap();
         let Command::MoveBack(r) = cmd else { panic!() };
@@ -349,10 +384,14 @@ mod tests {
     #[test]
     fn hyphens_and_underscores_are_interchangeable() {
         for flag in ["--checkpoint-dir=/x", "--checkpoint_dir=/x"] {
-            let Command::Backup(b) = parse_strs(&["backup", flag]).unwrap() else { panic!() };
+            let Command::Backup(b) = parse_strs(&["backup", flag]).unwrap() else {
+                panic!()
+            };
             assert_eq!(b.checkpoint_dir, Some(PathBuf::from("/x")));
         }
-        let Command::CopyBack(r) = parse_strs(&["copy-back", "--backup_dir", "/b", "--datadir", "/d"]).unwrap() else {
+        let Command::CopyBack(r) =
+            parse_strs(&["copy-back", "--backup_dir", "/b", "--datadir", "/d"]).unwrap()
+        else {
             panic!()
         };
         assert_eq!(r.backup_dir, PathBuf::from("/b"));
@@ -368,19 +407,33 @@ mod tests {
 
     #[test]
     fn backup_takes_h_for_host() {
-        let Command::Backup(b) = parse_strs(&["backup", "-h", "db1", "-P", "3307"]).unwrap() else { panic!() };
+        let Command::Backup(b) = parse_strs(&["backup", "-h", "db1", "-P", "3307"]).unwrap() else {
+            panic!()
+        };
         assert_eq!(b.conn.host.as_deref(), Some("db1"));
     }
 
     #[test]
     fn bad_stream_and_interval_are_usage_errors() {
-        assert_eq!(parse_strs(&["backup", "--stream", "zip"]).unwrap_err().exit_code(), 2);
-        assert_eq!(parse_strs(&["backup", "--interval", "0"]).unwrap_err().exit_code(), 2);
+        assert_eq!(
+            parse_strs(&["backup", "--stream", "zip"])
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
+        assert_eq!(
+            parse_strs(&["backup", "--interval", "0"])
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
     }
 
     #[test]
     fn debug_output_hides_the_password() {
-        let Command::Backup(b) = parse_strs(&["backup", "-p", "s3cret"]).unwrap() else { panic!() };
+        let Command::Backup(b) = parse_strs(&["backup", "-p", "s3cret"]).unwrap() else {
+            panic!()
+        };
         assert!(!format!("{b:?}").contains("s3cret"));
     }
 }

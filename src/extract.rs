@@ -3,7 +3,7 @@
 //! is overwritten, and when the stream turns out damaged everything this run created is
 //! removed again, so that a half-extracted backup can never be mistaken for a whole one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Cursor, ErrorKind, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::archive::{self, safe_components, Attrs, Format, Unpack};
 use crate::error::{Error, IoContext, Result};
+use crate::manifest::{self, MANIFEST_NAME};
 use crate::source::read_full;
 
 /// What an extraction produced.
@@ -24,6 +25,8 @@ pub struct Summary {
 }
 
 /// Extracts the stream `input` into `target` (created if missing; its parent must exist).
+/// A stream written by this tool is checked against its manifest: every file's size and
+/// CRC-32, and that nothing is missing or extra.
 pub fn extract(input: &mut dyn Read, target: &Path) -> Result<Summary> {
     let mut head = vec![0u8; crate::archive::tar::BLOCK];
     let n = read_full(input, &mut head).context(|| "cannot read the input stream".into())?;
@@ -52,7 +55,9 @@ pub fn extract(input: &mut dyn Read, target: &Path) -> Result<Summary> {
 /// Creates files under a root directory as an archive reader decodes them.
 struct Extractor {
     root: PathBuf,
-    open: HashMap<String, (File, u64)>,
+    open: HashMap<String, OpenFile>,
+    /// Every file extracted: its normalised path, size and CRC-32.
+    received: BTreeMap<String, (u64, u32)>,
     /// Everything this run created, in creation order, for the clean-up after a failure.
     created: Vec<PathBuf>,
     known_dirs: HashSet<PathBuf>,
@@ -80,6 +85,7 @@ impl Extractor {
         Ok(Extractor {
             root: root.to_path_buf(),
             open: HashMap::new(),
+            received: BTreeMap::new(),
             created,
             known_dirs: HashSet::from([root.to_path_buf()]),
             dir_attrs: Vec::new(),
@@ -114,10 +120,12 @@ impl Extractor {
         Ok(dir)
     }
 
-    fn create_file(&mut self, path: &str) -> Result<File> {
+    fn create_file(&mut self, path: &str) -> Result<OpenFile> {
         let parts = safe_components(path)?;
         let Some((name, parents)) = parts.split_last() else {
-            return Err(Error::Corrupt(format!("the stream has a file with the empty name {path:?}")));
+            return Err(Error::Corrupt(format!(
+                "the stream has a file with the empty name {path:?}"
+            )));
         };
         let full = self.ensure_dir(parents)?.join(name);
         let file = OpenOptions::new()
@@ -133,12 +141,25 @@ impl Extractor {
                 _ => Error::io(format!("cannot create {}", full.display()), e),
             })?;
         self.created.push(full);
-        Ok(file)
+        Ok(OpenFile {
+            file,
+            name: parts.join("/"),
+            written: 0,
+            crc: crc32fast::Hasher::new(),
+        })
     }
 
-    /// Closes every file and applies directory attributes, then makes it all durable.
+    /// Checks the manifest, applies directory attributes, then makes it all durable.
     fn finish(&mut self) -> Result<()> {
         assert!(self.open.is_empty(), "readers end every file they start");
+        let manifest = match self.received.contains_key(MANIFEST_NAME) {
+            true => {
+                let path = self.root.join(MANIFEST_NAME);
+                Some(fs::read(&path).with_path("read", &path)?)
+            }
+            false => None,
+        };
+        manifest::verify_received(&self.received, manifest.as_deref())?;
         for (dir, attrs) in self.dir_attrs.iter().rev() {
             set_attrs(dir, None, *attrs)?;
         }
@@ -165,25 +186,32 @@ impl Unpack for Extractor {
         if !self.open.contains_key(path) {
             assert_eq!(offset, 0, "readers check that files start at offset 0");
             let file = self.create_file(path)?;
-            self.open.insert(path.to_string(), (file, 0));
+            self.open.insert(path.to_string(), file);
         }
-        let (file, written) = self.open.get_mut(path).expect("inserted above");
-        assert_eq!(offset, *written, "readers check that offsets are contiguous");
-        file.write_all(data)
+        let open = self.open.get_mut(path).expect("inserted above");
+        assert_eq!(
+            offset, open.written,
+            "readers check that offsets are contiguous"
+        );
+        open.file
+            .write_all(data)
             .context(|| format!("cannot write {} in {}", path, self.root.display()))?;
-        *written += data.len() as u64;
+        open.crc.update(data);
+        open.written += data.len() as u64;
         self.bytes += data.len() as u64;
         Ok(())
     }
 
     fn end_file(&mut self, path: &str, attrs: Option<Attrs>) -> Result<()> {
-        let file = match self.open.remove(path) {
-            Some((file, _)) => file,
+        let open = match self.open.remove(path) {
+            Some(open) => open,
             None => self.create_file(path)?,
         };
         if let Some(attrs) = attrs {
-            set_attrs(Path::new(path), Some(&file), attrs)?;
+            set_attrs(Path::new(path), Some(&open.file), attrs)?;
         }
+        self.received
+            .insert(open.name, (open.written, open.crc.finalize()));
         Ok(())
     }
 
@@ -198,6 +226,15 @@ impl Unpack for Extractor {
         }
         Ok(())
     }
+}
+
+/// A file being written.
+struct OpenFile {
+    file: File,
+    /// The path as stored in `received`: components joined by `/`, no `.` parts.
+    name: String,
+    written: u64,
+    crc: crc32fast::Hasher,
 }
 
 /// Applies mode and modification time, to an open file or (for directories) a path.

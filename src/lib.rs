@@ -11,4 +11,6 @@ pub mod destination;
 pub mod error;
 pub mod extract;
 pub mod log;
+pub mod manifest;
+pub mod pipe;
 pub mod source;

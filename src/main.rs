@@ -2,11 +2,10 @@
 //! its outcome into a message on stderr and an exit code.
 
 use std::fs::File;
-use std::io::{self, IsTerminal};
 
 use myrocks_hotbackup::cli::{self, Command, ExtractArgs};
 use myrocks_hotbackup::error::{exit, Error, IoContext, Result};
-use myrocks_hotbackup::{error, extract, info};
+use myrocks_hotbackup::{error, extract, info, pipe};
 
 fn main() {
     let command = match cli::parse(std::env::args_os()) {
@@ -38,15 +37,7 @@ fn run_extract(args: ExtractArgs) -> Result<()> {
             let mut file = File::open(path).with_path("open", path)?;
             extract::extract(&mut file, &args.directory)?
         }
-        None => {
-            let stdin = io::stdin();
-            if stdin.is_terminal() {
-                return Err(Error::Usage(
-                    "extract reads a stream from stdin or a file; stdin is a terminal".into(),
-                ));
-            }
-            extract::extract(&mut stdin.lock(), &args.directory)?
-        }
+        None => extract::extract(&mut *pipe::stdin()?, &args.directory)?,
     };
     info!(
         "Extracted {} files, {} bytes ({:?}) into {}",

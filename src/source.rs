@@ -134,7 +134,9 @@ impl FileReader {
 
 /// Appends a chunk, known only by its CRC and length, to a running CRC.
 fn combine(crc: &mut crc32fast::Hasher, chunk_crc: u32, len: usize) {
-    crc.combine(&crc32fast::Hasher::new_with_initial_len(chunk_crc, len as u64));
+    crc.combine(&crc32fast::Hasher::new_with_initial_len(
+        chunk_crc, len as u64,
+    ));
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.

@@ -56,7 +56,11 @@ pub trait Unpack {
 /// (`./` alone gives none: the target itself). Refuses absolute paths, `..` and NUL bytes:
 /// nothing may land outside the extraction target.
 pub fn safe_components(path: &str) -> Result<Vec<&str>> {
-    let refuse = |why: &str| Err(Error::Corrupt(format!("unsafe path {path:?} in the stream: {why}")));
+    let refuse = |why: &str| {
+        Err(Error::Corrupt(format!(
+            "unsafe path {path:?} in the stream: {why}"
+        )))
+    };
     if path.starts_with('/') {
         return refuse("absolute paths are not allowed");
     }

@@ -92,7 +92,15 @@ fn padded(len: u64) -> u64 {
     len.div_ceil(BLOCK as u64) * BLOCK as u64
 }
 
-fn header(name: &[u8], size: u64, mode: u32, mtime: i64, uid: u32, gid: u32, kind: u8) -> [u8; BLOCK] {
+fn header(
+    name: &[u8],
+    size: u64,
+    mode: u32,
+    mtime: i64,
+    uid: u32,
+    gid: u32,
+    kind: u8,
+) -> [u8; BLOCK] {
     let mut h = [0u8; BLOCK];
     h[..name.len()].copy_from_slice(name);
     put_number(&mut h[100..108], u64::from(mode & 0o7777));
@@ -141,10 +149,19 @@ fn verify_checksum(h: &[u8]) -> std::result::Result<(), String> {
     if !digits.iter().all(|b| (b'0'..=b'7').contains(b)) {
         return Err("malformed header checksum field".into());
     }
-    let stored = digits.iter().fold(0u32, |acc, &d| acc * 8 + u32::from(d - b'0'));
-    let sum: u32 = h[..148].iter().chain(&h[156..]).map(|&b| u32::from(b)).sum::<u32>() + 8 * u32::from(b' ');
+    let stored = digits
+        .iter()
+        .fold(0u32, |acc, &d| acc * 8 + u32::from(d - b'0'));
+    let sum: u32 = h[..148]
+        .iter()
+        .chain(&h[156..])
+        .map(|&b| u32::from(b))
+        .sum::<u32>()
+        + 8 * u32::from(b' ');
     if stored != sum {
-        return Err(format!("header checksum mismatch (stored {stored}, computed {sum})"));
+        return Err(format!(
+            "header checksum mismatch (stored {stored}, computed {sum})"
+        ));
     }
     Ok(())
 }
@@ -155,7 +172,9 @@ fn number(field: &[u8]) -> Option<u64> {
         if field[0] != 0x80 || field[1..field.len() - 8].iter().any(|&b| b != 0) {
             return None; // negative or larger than 64 bits
         }
-        return Some(u64::from_be_bytes(field[field.len() - 8..].try_into().ok()?));
+        return Some(u64::from_be_bytes(
+            field[field.len() - 8..].try_into().ok()?,
+        ));
     }
     let text = field.iter().skip_while(|&&b| b == b' ');
     let mut value: u64 = 0;
@@ -197,16 +216,20 @@ pub fn read(input: &mut (impl Read + ?Sized), out: &mut dyn Unpack) -> Result<u6
             )));
         }
         if got < BLOCK {
-            return Err(Error::Corrupt(format!("the tar stream is truncated inside a header at byte {at}")));
+            return Err(Error::Corrupt(format!(
+                "the tar stream is truncated inside a header at byte {at}"
+            )));
         }
         if block.iter().all(|&b| b == 0) {
             after_zero_block = true;
             continue;
         }
         after_zero_block = false;
-        verify_checksum(&block).map_err(|why| Error::Corrupt(format!("corrupt tar header at byte {at}: {why}")))?;
-        let size = number(&block[124..136])
-            .ok_or_else(|| Error::Corrupt(format!("corrupt tar header at byte {at}: bad size field")))?;
+        verify_checksum(&block)
+            .map_err(|why| Error::Corrupt(format!("corrupt tar header at byte {at}: {why}")))?;
+        let size = number(&block[124..136]).ok_or_else(|| {
+            Error::Corrupt(format!("corrupt tar header at byte {at}: bad size field"))
+        })?;
         let kind = block[156];
         match kind {
             b'L' | b'K' | b'x' | b'g' => {
@@ -238,11 +261,16 @@ pub fn read(input: &mut (impl Read + ?Sized), out: &mut dyn Unpack) -> Result<u6
             }
         };
         let size = pax.size.take().unwrap_or(size);
-        let mtime = pax.mtime.take().or_else(|| number(&block[136..148]).map(|t| t as i64));
-        let attrs = number(&block[100..108]).zip(mtime).map(|(mode, mtime)| Attrs {
-            mode: mode as u32 & 0o7777,
-            mtime,
-        });
+        let mtime = pax
+            .mtime
+            .take()
+            .or_else(|| number(&block[136..148]).map(|t| t as i64));
+        let attrs = number(&block[100..108])
+            .zip(mtime)
+            .map(|(mode, mtime)| Attrs {
+                mode: mode as u32 & 0o7777,
+                mtime,
+            });
         match kind {
             b'0' | b'\0' | b'7' => {
                 let mut done = 0;
@@ -296,7 +324,10 @@ impl Pax {
         let mut rest = data;
         while !rest.is_empty() && rest[0] != 0 {
             let space = rest.iter().position(|&b| b == b' ').ok_or_else(bad)?;
-            let len: usize = std::str::from_utf8(&rest[..space]).ok().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+            let len: usize = std::str::from_utf8(&rest[..space])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(bad)?;
             if len <= space + 1 || len > rest.len() || rest[len - 1] != b'\n' {
                 return Err(bad());
             }
@@ -305,7 +336,14 @@ impl Pax {
             let value = &record[eq + 1..];
             match &record[..eq] {
                 b"path" => pax.path = Some(utf8(value, at)?),
-                b"size" => pax.size = Some(std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).ok_or_else(bad)?),
+                b"size" => {
+                    pax.size = Some(
+                        std::str::from_utf8(value)
+                            .ok()
+                            .and_then(|s| s.parse().ok())
+                            .ok_or_else(bad)?,
+                    )
+                }
                 b"mtime" => {
                     let secs = value.split(|&b| b == b'.').next().unwrap_or(value);
                     pax.mtime = std::str::from_utf8(secs).ok().and_then(|s| s.parse().ok());
@@ -337,20 +375,30 @@ impl<R: Read + ?Sized> Reader<'_, R> {
     }
 
     fn read_meta(&mut self, size: u64) -> Result<Vec<u8>> {
-        let mut data = vec![0; padded(size) as usize];
+        let mut data = vec![0; size as usize];
         if self.fill(&mut data)? < data.len() {
-            return Err(Error::Corrupt(format!("the tar stream is truncated at byte {}", self.offset)));
+            return Err(Error::Corrupt(format!(
+                "the tar stream is truncated at byte {}",
+                self.offset
+            )));
         }
-        data.truncate(size as usize);
+        self.skip_padding(size, "a metadata record")?;
         Ok(data)
     }
 
     fn skip_padding(&mut self, size: u64, name: &str) -> Result<()> {
         let pad = (padded(size) - size) as usize;
-        let mut zeros = [0u8; BLOCK];
-        if self.fill(&mut zeros[..pad])? < pad {
+        let mut padding = [0u8; BLOCK];
+        if self.fill(&mut padding[..pad])? < pad {
             return Err(Error::Corrupt(format!(
                 "the tar stream is truncated after {name:?} (stream byte {})",
+                self.offset
+            )));
+        }
+        // Writers pad with zeros; anything else is damage.
+        if padding.iter().any(|&b| b != 0) {
+            return Err(Error::Corrupt(format!(
+                "corrupt tar stream: non-zero padding after {name:?} (stream byte {})",
                 self.offset
             )));
         }

@@ -53,7 +53,8 @@ impl<W: Write> XbstreamWriter<W> {
         self.head.extend_from_slice(MAGIC);
         self.head.push(0);
         self.head.push(kind);
-        self.head.extend_from_slice(&(self.path.len() as u32).to_le_bytes());
+        self.head
+            .extend_from_slice(&(self.path.len() as u32).to_le_bytes());
         self.head.extend_from_slice(&self.path);
     }
 
@@ -70,12 +71,18 @@ impl<W: Write> XbstreamWriter<W> {
             )))
         };
         if path.len() > MAX_WRITE_PATH {
-            return refuse(format!("the path is {} bytes, mbstream takes at most {MAX_WRITE_PATH}", path.len()));
+            return refuse(format!(
+                "the path is {} bytes, mbstream takes at most {MAX_WRITE_PATH}",
+                path.len()
+            ));
         }
         if path.starts_with('.') || path.starts_with('/') {
             return refuse("it starts with `.` or `/`".into());
         }
-        if path.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+        if path
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+        {
             return refuse("it has an empty, `.` or `..` component".into());
         }
         if let Some((parent, _)) = path.rsplit_once('/') {
@@ -106,7 +113,8 @@ impl<W: Write> Destination for XbstreamWriter<W> {
     fn write_chunk(&mut self, data: &[u8], crc32: u32) -> Result<()> {
         assert!(data.len() <= MAX_WRITE_PAYLOAD, "xbstream chunk too large");
         self.start_chunk(b'P');
-        self.head.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        self.head
+            .extend_from_slice(&(data.len() as u64).to_le_bytes());
         self.head.extend_from_slice(&self.offset.to_le_bytes());
         self.head.extend_from_slice(&crc32.to_le_bytes());
         Self::put(&mut self.out, &self.head)?;
@@ -136,7 +144,8 @@ pub fn read(input: &mut (impl Read + ?Sized), out: &mut dyn Unpack) -> Result<u6
         *at += got as u64;
         Ok(got)
     };
-    let truncated = |at: u64| Error::Corrupt(format!("the xbstream stream is truncated at byte {at}"));
+    let truncated =
+        |at: u64| Error::Corrupt(format!("the xbstream stream is truncated at byte {at}"));
     // Next expected offset of every file started and not yet ended.
     let mut open: HashMap<String, u64> = HashMap::new();
     let mut ended: HashSet<String> = HashSet::new();
@@ -150,7 +159,9 @@ pub fn read(input: &mut (impl Read + ?Sized), out: &mut dyn Unpack) -> Result<u6
             _ => return Err(truncated(at)),
         }
         if &fixed[..8] != MAGIC {
-            return Err(Error::Corrupt(format!("corrupt xbstream: no chunk magic at byte {chunk_at}")));
+            return Err(Error::Corrupt(format!(
+                "corrupt xbstream: no chunk magic at byte {chunk_at}"
+            )));
         }
         let (flags, kind) = (fixed[8], fixed[9]);
         if flags != 0 || (kind != b'P' && kind != b'E') {
@@ -168,8 +179,11 @@ pub fn read(input: &mut (impl Read + ?Sized), out: &mut dyn Unpack) -> Result<u6
         if fill(&mut path, &mut at)? < path.len() {
             return Err(truncated(at));
         }
-        let path = String::from_utf8(path)
-            .map_err(|_| Error::Corrupt(format!("corrupt xbstream: path at byte {chunk_at} is not UTF-8")))?;
+        let path = String::from_utf8(path).map_err(|_| {
+            Error::Corrupt(format!(
+                "corrupt xbstream: path at byte {chunk_at} is not UTF-8"
+            ))
+        })?;
         if ended.contains(&path) {
             return Err(Error::Corrupt(format!(
                 "corrupt xbstream: {path:?} appears again at byte {chunk_at} after it ended"

@@ -1,0 +1,9 @@
+//! Integration tests: one binary, run by `scripts/test`. Tests that need a real server get
+//! one from the `sandbox` crate; archive tests use the real `tar` and `mbstream`.
+
+mod common;
+
+mod archive_tools;
+mod extract_safety;
+mod properties;
+mod sandbox_harness;
