@@ -1,7 +1,7 @@
 //! Cooperative cancellation: SIGINT and SIGTERM set a flag that long loops check, so that
 //! a stopped backup still removes its checkpoints and releases the server's backup stage.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -18,10 +18,14 @@ impl Cancel {
         Cancel::default()
     }
 
-    /// Routes SIGINT and SIGTERM to this token instead of killing the process.
+    /// Routes SIGINT and SIGTERM to this token instead of killing the process. A second
+    /// signal, while the first is being handled, ends the process at once.
     pub fn on_signals() -> std::io::Result<Cancel> {
         let cancel = Cancel::default();
+        let seen = Arc::new(AtomicBool::new(false));
         for sig in [libc::SIGINT, libc::SIGTERM] {
+            signal_hook::flag::register_conditional_shutdown(sig, crate::error::exit::INTERRUPTED, seen.clone())?;
+            signal_hook::flag::register(sig, seen.clone())?;
             signal_hook::flag::register_usize(sig, cancel.signal.clone(), sig as usize)?;
         }
         Ok(cancel)

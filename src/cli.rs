@@ -151,6 +151,10 @@ pub struct RestoreArgs {
     /// Target for RocksDB WAL files [default: the RocksDB data directory]
     #[arg(short = 'w', long, value_name = "DIR")]
     pub rocksdb_waldir: Option<PathBuf>,
+    /// The server's option file, for re-creating the mysql schema's InnoDB tables with the
+    /// server's InnoDB settings [default: none, InnoDB defaults]
+    #[arg(long, value_name = "FILE")]
+    pub defaults_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -227,6 +231,7 @@ impl LegacyArgs {
                 datadir,
                 rocksdb_datadir: Some(rocksdb_datadir),
                 rocksdb_waldir: Some(rocksdb_waldir),
+                defaults_file: None,
             }));
         }
         let stream = match self.stream.as_str() {

@@ -3,9 +3,14 @@
 
 use std::fs::File;
 
-use myrocks_hotbackup::cli::{self, Command, ExtractArgs};
-use myrocks_hotbackup::error::{exit, Error, IoContext, Result};
-use myrocks_hotbackup::{error, extract, info, pipe};
+use myrocks_hotbackup::archive::tar::TarWriter;
+use myrocks_hotbackup::archive::xbstream::XbstreamWriter;
+use myrocks_hotbackup::archive::Format;
+use myrocks_hotbackup::cancel::Cancel;
+use myrocks_hotbackup::cli::{self, BackupArgs, Command, ExtractArgs};
+use myrocks_hotbackup::error::{exit, IoContext, Result};
+use myrocks_hotbackup::restore::{self, Mode};
+use myrocks_hotbackup::{backup, error, extract, info, pipe};
 
 fn main() {
     let command = match cli::parse(std::env::args_os()) {
@@ -14,6 +19,10 @@ fn main() {
     };
     let code = match run(command) {
         Ok(()) => exit::OK,
+        Err(e) if e.is_broken_pipe() => {
+            error!("the reader of the backup stream went away (broken pipe): the backup is incomplete");
+            e.exit_code()
+        }
         Err(e) => {
             error!("{e}");
             e.exit_code()
@@ -24,11 +33,21 @@ fn main() {
 
 fn run(command: Command) -> Result<()> {
     match command {
+        Command::Backup(args) => run_backup(args),
+        Command::MoveBack(args) => restore::run(&args, Mode::Move),
+        Command::CopyBack(args) => restore::run(&args, Mode::Copy),
         Command::Extract(args) => run_extract(args),
-        Command::Backup(_) | Command::MoveBack(_) | Command::CopyBack(_) => {
-            Err(Error::Usage("this command is not implemented yet".into()))
-        }
     }
+}
+
+fn run_backup(args: BackupArgs) -> Result<()> {
+    let out = pipe::stdout()?;
+    let cancel = Cancel::on_signals().context(|| "cannot install signal handlers".into())?;
+    match args.stream {
+        Format::Tar => backup::run(&args, &mut TarWriter::new(&*out), cancel)?,
+        Format::Xbstream => backup::run(&args, &mut XbstreamWriter::new(&*out), cancel)?,
+    };
+    Ok(())
 }
 
 fn run_extract(args: ExtractArgs) -> Result<()> {

@@ -1,0 +1,459 @@
+//! The hot backup engine.
+//!
+//! 1. **Catch-up rounds.** Create a checkpoint, send its SST files (oldest first), deleting
+//!    each hard link once sent. After `--interval` seconds abandon the round, delete the
+//!    checkpoint and start a new one, skipping SSTs already sent (same name and size: SST
+//!    files are immutable). So a checkpoint never pins files that compaction made obsolete
+//!    for long. The rounds end with one that sent everything it held.
+//! 2. **The consistent point**, through `BACKUP STAGE`: under `BLOCK_DDL` the table
+//!    definitions and non-transactional table files are sent. RocksDB's memtables are
+//!    flushed, then under `BLOCK_COMMIT` the final checkpoint is created, the binary log
+//!    coordinates are read and the Aria log is copied aside. `END` releases the server; the
+//!    time in between is the commit stall, measured and recorded.
+//! 3. **The rest**: the final checkpoint's new SSTs, its WAL, OPTIONS, MANIFEST and CURRENT,
+//!    then `xtrabackup_binlog_info`, the InnoDB system table definitions and the manifest.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cancel::Cancel;
+use crate::checkpoint::CheckpointArea;
+use crate::cli::BackupArgs;
+use crate::credentials;
+use crate::datadir::{self, DatadirFile};
+use crate::destination::Destination;
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::{self, Manifest};
+use crate::server::{BinlogPosition, Server, ServerInfo};
+use crate::source::{FileReader, FileRecord};
+use crate::{info, warn};
+
+/// Where RocksDB files go in the backup.
+pub const ROCKSDB_DIR: &str = "#rocksdb";
+/// mariabackup's file with `file<TAB>position<TAB>gtid`, read by replica-provisioning scripts.
+pub const BINLOG_INFO_NAME: &str = "xtrabackup_binlog_info";
+/// `SHOW CREATE TABLE` of the InnoDB tables in `mysql`, re-created at restore.
+pub const INNODB_SQL_NAME: &str = "myrocks_hotbackup_innodb.sql";
+/// Name of the default checkpoint directory, beside the RocksDB data directory.
+const DEFAULT_CHECKPOINT_DIR: &str = "#myrocks_hotbackup";
+/// How often progress is logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// What the manifest records about a backup.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BackupInfo {
+    pub server: ServerInfo,
+    /// Seconds since the epoch.
+    pub started: i64,
+    pub finished: i64,
+    /// None when the server's binary log is off.
+    pub binlog: Option<BinlogPosition>,
+    /// How long commits were blocked (BACKUP STAGE BLOCK_COMMIT to END).
+    pub commit_stall_ms: f64,
+    /// How long DDL was blocked (BLOCK_DDL to END).
+    pub ddl_block_ms: f64,
+    pub rounds: Vec<RoundStats>,
+    /// InnoDB tables of `mysql`, re-created empty at restore from their definitions.
+    pub innodb_system_tables: Vec<String>,
+    /// User InnoDB tables left out (with --skip-innodb-tables).
+    pub skipped_innodb_tables: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundStats {
+    pub round: u32,
+    pub sst_files: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// True when the round sent every SST of its checkpoint.
+    pub complete: bool,
+}
+
+/// Runs a backup into `dest`.
+pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Result<BackupInfo> {
+    let started = crate::log::unix_now();
+    let creds = credentials::resolve(&args.conn)?;
+    let mut server = Server::connect(&creds)?;
+    server.check_rocksdb()?;
+    server.check_privileges()?;
+    let mut info = server.info()?;
+    locate_datadir(args, &mut info)?;
+    info!("Server {} ({}), datadir {}, RocksDB data {}", info.version, info.hostname, info.datadir.display(), info.rocksdb_datadir.display());
+
+    let checkpoint_parent = match &args.checkpoint_dir {
+        Some(dir) => dir.clone(),
+        None => info.rocksdb_datadir.parent().unwrap_or(&info.datadir).join(DEFAULT_CHECKPOINT_DIR),
+    };
+    let area = CheckpointArea::prepare(&checkpoint_parent, &info.rocksdb_datadir)?;
+    let skip = [&*info.rocksdb_datadir, &*info.rocksdb_wal_dir, &*checkpoint_parent];
+    // Fail now, not after hours of rounds, if InnoDB user tables make the backup impossible.
+    check_innodb(&datadir::select(&info.datadir, &skip)?.innodb_user_tables, args.skip_innodb_tables)?;
+
+    let mut job = Job {
+        reader: FileReader::new(cancel.clone()),
+        dest,
+        records: Vec::new(),
+        sent_sst: HashMap::new(),
+        progress: Progress::new(),
+        cancel,
+    };
+    job.records.push(manifest::write_begin(&mut job.reader, job.dest)?);
+
+    let rounds = job.catch_up(&mut server, &area, Duration::from_secs(args.interval))?;
+    if let Some(signal_file) = &args.debug_signal_file {
+        info!("Waiting until {} exists..", signal_file.display());
+        while !signal_file.exists() {
+            job.cancel.sleep(Duration::from_millis(100))?;
+        }
+    }
+
+    server.exec("BACKUP STAGE START")?;
+    let consistent = job.consistent_point(&mut server, &area, &info, &skip, args.skip_innodb_tables);
+    if consistent.is_err() {
+        let _ = server.exec("BACKUP STAGE END");
+    }
+    let point = consistent?;
+    info!(
+        "Consistent point: commits were blocked for {:.1} ms, DDL for {:.1} ms; binary log {}",
+        point.commit_stall_ms,
+        point.ddl_block_ms,
+        point.binlog.as_ref().map_or("is off".into(), |b| format!("{}:{} (GTID {})", b.file, b.position, b.gtid_binlog_pos))
+    );
+
+    job.send_final(&point)?;
+    let mut extra: Vec<(&str, Vec<u8>)> = Vec::new();
+    match &point.binlog {
+        Some(b) => extra.push((BINLOG_INFO_NAME, format!("{}\t{}\t{}\n", b.file, b.position, b.gtid_binlog_pos).into_bytes())),
+        None => warn!("The server's binary log is off: the backup records no coordinates"),
+    }
+    if !point.innodb_sql.is_empty() {
+        extra.push((INNODB_SQL_NAME, point.innodb_sql.clone().into_bytes()));
+    }
+    for (name, bytes) in extra {
+        let record = job.reader.send_bytes(name, &bytes, job.dest)?;
+        job.records.push(record);
+    }
+
+    let backup = BackupInfo {
+        server: info,
+        started,
+        finished: crate::log::unix_now(),
+        binlog: point.binlog,
+        commit_stall_ms: point.commit_stall_ms,
+        ddl_block_ms: point.ddl_block_ms,
+        rounds,
+        innodb_system_tables: point.innodb_system_tables,
+        skipped_innodb_tables: point.skipped_innodb_tables,
+    };
+    let manifest = Manifest {
+        tool: manifest::tool_version(),
+        backup,
+        files: std::mem::take(&mut job.records),
+    };
+    manifest::write_manifest(&manifest, &mut job.reader, job.dest)?;
+    job.progress.finish(job.reader.bytes_sent(), manifest.files.len() + 1, job.sent_sst.len());
+    drop(area);
+    Ok(manifest.backup)
+}
+
+/// Makes sure the server's files are the ones on this host, and applies `--datadir`.
+fn locate_datadir(args: &BackupArgs, info: &mut ServerInfo) -> Result<()> {
+    match &args.datadir {
+        Some(local) => {
+            // The server's paths, seen through the local datadir path.
+            let remap = |p: &Path| match p.strip_prefix(&info.datadir) {
+                Ok(rel) => local.join(rel),
+                Err(_) => p.to_path_buf(),
+            };
+            info.rocksdb_datadir = remap(&info.rocksdb_datadir);
+            info.rocksdb_wal_dir = remap(&info.rocksdb_wal_dir);
+            info.datadir = local.clone();
+        }
+        None => {
+            let here = hostname();
+            if !here.is_empty() && here != info.hostname {
+                return Err(Error::Refused(format!(
+                    "the server runs on host {:?} and this is {here:?}: run the backup on the database host \
+                     (checkpoints are created by the server, next to its data)",
+                    info.hostname
+                )));
+            }
+        }
+    }
+    if !info.rocksdb_datadir.join("CURRENT").is_file() {
+        return Err(Error::Refused(format!(
+            "the server's RocksDB data directory {} is not readable here: run the backup on the database host, \
+             as root or the server's user",
+            info.rocksdb_datadir.display()
+        )));
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn check_innodb(user_tables: &[String], skip: bool) -> Result<()> {
+    if user_tables.is_empty() || skip {
+        return Ok(());
+    }
+    Err(Error::Refused(format!(
+        "these tables use InnoDB, which a MyRocks backup does not copy: {}. \
+         Convert them to RocksDB, back them up with mariabackup, or pass --skip-innodb-tables \
+         to leave them out (the manifest then lists them)",
+        user_tables.join(", ")
+    )))
+}
+
+/// What the consistent point produced.
+struct ConsistentPoint {
+    checkpoint: PathBuf,
+    aria_copies: Vec<DatadirFile>,
+    binlog: Option<BinlogPosition>,
+    commit_stall_ms: f64,
+    ddl_block_ms: f64,
+    innodb_sql: String,
+    innodb_system_tables: Vec<String>,
+    skipped_innodb_tables: Vec<String>,
+}
+
+/// The state of one backup run.
+struct Job<'a> {
+    reader: FileReader,
+    dest: &'a mut dyn Destination,
+    records: Vec<FileRecord>,
+    /// SSTs already in the backup, by name, with their size.
+    sent_sst: HashMap<String, u64>,
+    progress: Progress,
+    cancel: Cancel,
+}
+
+impl Job<'_> {
+    fn send(&mut self, source: &Path, name: &str) -> Result<()> {
+        let record = self.reader.send(source, name, self.dest)?;
+        self.records.push(record);
+        self.progress.tick(self.reader.bytes_sent());
+        Ok(())
+    }
+
+    /// SSTs of a checkpoint not yet sent, oldest (lowest number) first.
+    fn unsent_ssts(&self, checkpoint: &Path) -> Result<Vec<(String, u64)>> {
+        let mut ssts = Vec::new();
+        for entry in fs::read_dir(checkpoint).with_path("list", checkpoint)? {
+            let entry = entry.with_path("list", checkpoint)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".sst") {
+                continue;
+            }
+            let size = entry.metadata().with_path("stat", &entry.path())?.len();
+            if self.sent_sst.get(&name) != Some(&size) {
+                ssts.push((name, size));
+            }
+        }
+        ssts.sort();
+        Ok(ssts)
+    }
+
+    /// Sends SSTs through renewed checkpoints until one round sends all of its checkpoint.
+    fn catch_up(&mut self, server: &mut Server, area: &CheckpointArea, interval: Duration) -> Result<Vec<RoundStats>> {
+        let mut rounds = Vec::new();
+        for round in 1.. {
+            self.cancel.check()?;
+            let dir = area.checkpoint_path(&format!("round-{round}"));
+            let start = Instant::now();
+            server.create_checkpoint(&dir)?;
+            if !dir.is_dir() {
+                return Err(Error::Refused(format!(
+                    "the server created checkpoint {} but it is not visible here: run the backup on the database host",
+                    dir.display()
+                )));
+            }
+            let ssts = self.unsent_ssts(&dir)?;
+            info!("Round {round}: checkpoint {} holds {} SST files not yet sent", dir.display(), ssts.len());
+            let (mut files, mut bytes) = (0, 0);
+            for (name, size) in &ssts {
+                let link = dir.join(name);
+                self.send(&link, &format!("{ROCKSDB_DIR}/{name}"))?;
+                fs::remove_file(&link).with_path("remove", &link)?;
+                self.sent_sst.insert(name.clone(), *size);
+                files += 1;
+                bytes += size;
+                if start.elapsed() > interval && files < ssts.len() {
+                    break;
+                }
+            }
+            fs::remove_dir_all(&dir).with_path("remove checkpoint", &dir)?;
+            let stats = RoundStats {
+                round,
+                sst_files: files,
+                bytes,
+                seconds: start.elapsed().as_secs_f64(),
+                complete: files == ssts.len(),
+            };
+            info!(
+                "Round {round} finished: sent {files} SST files, {} in {:.1} s; {} left for the next round",
+                human(bytes),
+                stats.seconds,
+                ssts.len() - files
+            );
+            rounds.push(stats);
+            if files == ssts.len() {
+                break;
+            }
+        }
+        Ok(rounds)
+    }
+
+    /// BACKUP STAGE from FLUSH to END (START already taken). The caller ends the stage on error.
+    fn consistent_point(
+        &mut self,
+        server: &mut Server,
+        area: &CheckpointArea,
+        info: &ServerInfo,
+        skip: &[&Path],
+        skip_innodb: bool,
+    ) -> Result<ConsistentPoint> {
+        server.exec("BACKUP STAGE FLUSH")?;
+        server.exec("BACKUP STAGE BLOCK_DDL")?;
+        let ddl_blocked = Instant::now();
+        let sel = datadir::select(&info.datadir, skip)?;
+        check_innodb(&sel.innodb_user_tables, skip_innodb)?;
+        let mut innodb_sql = String::new();
+        for table in &sel.innodb_system_tables {
+            innodb_sql.push_str(&format!("{};\n", server.create_table_sql("mysql", table)?));
+        }
+        for f in sel.schema.iter().chain(&sel.table_data) {
+            self.send(&f.source, &f.name)?;
+        }
+        info!("Sent {} table definition and {} table data files", sel.schema.len(), sel.table_data.len());
+        server.flush_memtables()?;
+        let checkpoint = area.checkpoint_path("final");
+        let aria_dir = area.scratch_dir("aria")?;
+
+        server.exec("BACKUP STAGE BLOCK_COMMIT")?;
+        let commits_blocked = Instant::now();
+        let blocked = (|| -> Result<_> {
+            server.create_checkpoint(&checkpoint)?;
+            let binlog = server.binlog_position()?;
+            let mut aria_copies = Vec::new();
+            for f in &sel.aria_logs {
+                let copy = aria_dir.join(&f.name);
+                fs::copy(&f.source, &copy).with_path("copy", &f.source)?;
+                aria_copies.push(DatadirFile { source: copy, name: f.name.clone() });
+            }
+            Ok((binlog, aria_copies))
+        })();
+        server.exec("BACKUP STAGE END")?;
+        let commit_stall_ms = commits_blocked.elapsed().as_secs_f64() * 1e3;
+        let ddl_block_ms = ddl_blocked.elapsed().as_secs_f64() * 1e3;
+        let (binlog, aria_copies) = blocked?;
+        Ok(ConsistentPoint {
+            checkpoint,
+            aria_copies,
+            binlog,
+            commit_stall_ms,
+            ddl_block_ms,
+            innodb_sql,
+            innodb_system_tables: sel.innodb_system_tables,
+            skipped_innodb_tables: sel.innodb_user_tables,
+        })
+    }
+
+    /// Sends the final checkpoint (new SSTs, then WAL, OPTIONS, MANIFEST, CURRENT) and the
+    /// Aria log copies.
+    fn send_final(&mut self, point: &ConsistentPoint) -> Result<()> {
+        let dir = &point.checkpoint;
+        let ssts = self.unsent_ssts(dir)?;
+        info!("Final checkpoint: {} new SST files", ssts.len());
+        for (name, size) in &ssts {
+            self.send(&dir.join(name), &format!("{ROCKSDB_DIR}/{name}"))?;
+            self.sent_sst.insert(name.clone(), *size);
+        }
+        let mut rest: Vec<String> = fs::read_dir(dir)
+            .with_path("list", dir)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()
+            .with_path("list", dir)?;
+        rest.retain(|n| !n.ends_with(".sst"));
+        // CURRENT last: it names the MANIFEST, which must be complete before it.
+        rest.sort_by_key(|n| (rocksdb_file_order(n), n.clone()));
+        for name in &rest {
+            self.send(&dir.join(name), &format!("{ROCKSDB_DIR}/{name}"))?;
+        }
+        for f in &point.aria_copies {
+            self.send(&f.source, &f.name)?;
+        }
+        fs::remove_dir_all(dir).with_path("remove checkpoint", dir)
+    }
+}
+
+fn rocksdb_file_order(name: &str) -> u8 {
+    match name {
+        n if n.ends_with(".log") => 0,
+        n if n.starts_with("OPTIONS") => 1,
+        n if n.starts_with("MANIFEST") => 2,
+        "CURRENT" => 4,
+        _ => 3,
+    }
+}
+
+/// Progress lines on stderr, in the original tool's style.
+struct Progress {
+    start: Instant,
+    last: Instant,
+    last_bytes: u64,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            start: Instant::now(),
+            last: Instant::now(),
+            last_bytes: 0,
+        }
+    }
+
+    fn tick(&mut self, bytes: u64) {
+        let since = self.last.elapsed();
+        if since >= PROGRESS_EVERY {
+            info!(
+                "Backup progress: sent {}, transfer speed {}/s",
+                human(bytes),
+                human(((bytes - self.last_bytes) as f64 / since.as_secs_f64()) as u64)
+            );
+            self.last = Instant::now();
+            self.last_bytes = bytes;
+        }
+    }
+
+    fn finish(&self, bytes: u64, files: usize, ssts: usize) {
+        let secs = self.start.elapsed().as_secs_f64();
+        info!(
+            "Backup complete: {files} files ({ssts} SST), {} in {secs:.1} s, {}/s",
+            human(bytes),
+            human((bytes as f64 / secs.max(1e-3)) as u64)
+        );
+    }
+}
+
+/// `1.23 GiB` and the like.
+pub fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < units.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2} {}", units[unit])
+}

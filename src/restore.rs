@@ -1,0 +1,316 @@
+//! `move-back` and `copy-back`: from an extracted backup into empty data directories that a
+//! stock server starts from. RocksDB WAL files go to the WAL directory, the other RocksDB
+//! files to the RocksDB data directory, everything else to the datadir; the backup's own
+//! metadata stays in the backup directory. Both layouts are read: ours (RocksDB files under
+//! `#rocksdb/`) and the original tool's (RocksDB files at the top level).
+//!
+//! Everything is checked before anything moves: the backup is complete (against its
+//! manifest), the targets are empty, `mariadbd` is there. If a step fails half-way, what
+//! was moved is moved back and what was created is removed. Last, the InnoDB tables of the
+//! `mysql` schema are re-created with `mariadbd --bootstrap`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{ErrorKind, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::backup::{BINLOG_INFO_NAME, INNODB_SQL_NAME, ROCKSDB_DIR};
+use crate::cli::RestoreArgs;
+use crate::error::{Error, IoContext, Result};
+use crate::info;
+use crate::manifest::{Manifest, BEGIN_NAME, MANIFEST_NAME};
+use crate::source::FileRecord;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Move,
+    Copy,
+}
+
+/// Names at the backup's top level that describe the backup and stay with it.
+const METADATA: &[&str] = &[BEGIN_NAME, MANIFEST_NAME, INNODB_SQL_NAME, BINLOG_INFO_NAME];
+
+pub fn run(args: &RestoreArgs, mode: Mode) -> Result<()> {
+    let backup = &args.backup_dir;
+    if !backup.is_dir() {
+        return Err(Error::Refused(format!("backup directory {} does not exist", backup.display())));
+    }
+    let datadir = args.datadir.clone();
+    let rocksdb_dir = args.rocksdb_datadir.clone().unwrap_or_else(|| datadir.join(ROCKSDB_DIR));
+    let wal_dir = args.rocksdb_waldir.clone().unwrap_or_else(|| rocksdb_dir.clone());
+    check_complete(backup)?;
+    let plan = plan(backup, &datadir, &rocksdb_dir, &wal_dir)?;
+    for target in [&datadir, &rocksdb_dir, &wal_dir] {
+        check_empty(target)?;
+    }
+    let innodb_sql = match fs::read_to_string(backup.join(INNODB_SQL_NAME)) {
+        Ok(sql) => Some(sql),
+        Err(e) if e.kind() == ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io(format!("cannot read {INNODB_SQL_NAME}"), e)),
+    };
+    let mariadbd = match innodb_sql {
+        Some(_) => Some(find_mariadbd()?),
+        None => None,
+    };
+
+    let mut undo = Undo::default();
+    let result = (|| -> Result<()> {
+        for target in [&datadir, &rocksdb_dir, &wal_dir] {
+            undo.create_dirs(target)?;
+        }
+        for (src, dst) in &plan {
+            undo.transfer(src, dst, mode)?;
+        }
+        if let (Some(sql), Some(mariadbd)) = (&innodb_sql, &mariadbd) {
+            bootstrap_innodb(mariadbd, args.defaults_file.as_deref(), &datadir, sql)?;
+        }
+        for target in [&datadir, &rocksdb_dir, &wal_dir] {
+            sync(target)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        undo.roll_back();
+        return Err(e);
+    }
+    if mode == Mode::Move {
+        let _ = fs::remove_dir(backup.join(ROCKSDB_DIR)); // emptied by the move
+    }
+    let verb = if mode == Mode::Move { "Moved" } else { "Copied" };
+    info!(
+        "{verb} {} entries into {} (RocksDB data {}, WAL {})",
+        plan.len(),
+        datadir.display(),
+        rocksdb_dir.display(),
+        wal_dir.display()
+    );
+    if let Ok(coords) = fs::read_to_string(backup.join(BINLOG_INFO_NAME)) {
+        let fields: Vec<&str> = coords.trim_end().split('\t').collect();
+        if let [file, pos, gtid] = fields[..] {
+            info!("Binary log coordinates of the backup: {file}:{pos}, GTID {gtid}");
+            info!("To make the restored server a replica: SET GLOBAL gtid_slave_pos = '{gtid}'; CHANGE MASTER TO ..., MASTER_USE_GTID = slave_pos");
+        }
+    }
+    info!("Before starting the server, give the files to its user (chown -R mysql:mysql, as after mariabackup)");
+    Ok(())
+}
+
+/// Refuses a backup whose files do not match its manifest (mbstream skips files silently).
+fn check_complete(backup: &Path) -> Result<()> {
+    let manifest = match fs::read(backup.join(MANIFEST_NAME)) {
+        Ok(json) => json,
+        Err(_) if backup.join(BEGIN_NAME).exists() => {
+            return Err(Error::Corrupt(format!(
+                "{} holds an incomplete backup: {MANIFEST_NAME} is missing",
+                backup.display()
+            )))
+        }
+        Err(_) if backup.join(ROCKSDB_DIR).join("CURRENT").is_file() || backup.join("CURRENT").is_file() => {
+            return Ok(()); // a backup of the original tool: nothing to check against
+        }
+        Err(_) => {
+            return Err(Error::Refused(format!(
+                "{} does not look like an extracted MyRocks backup (no {MANIFEST_NAME}, no CURRENT)",
+                backup.display()
+            )))
+        }
+    };
+    let manifest: Manifest<serde_json::Value> = serde_json::from_slice(&manifest)
+        .map_err(|e| Error::Corrupt(format!("{MANIFEST_NAME} is not a valid manifest: {e}")))?;
+    let check = |f: &FileRecord| -> Result<()> {
+        let path = backup.join(&f.path);
+        match fs::metadata(&path) {
+            Ok(md) if md.len() == f.size => Ok(()),
+            Ok(md) => Err(Error::Corrupt(format!("{} has {} bytes, the manifest says {}", path.display(), md.len(), f.size))),
+            Err(_) => Err(Error::Corrupt(format!(
+                "{} is missing from the backup (an extraction that skipped files?)",
+                path.display()
+            ))),
+        }
+    };
+    manifest.files.iter().try_for_each(check)
+}
+
+/// Where every entry of the backup goes.
+fn plan(backup: &Path, datadir: &Path, rocksdb_dir: &Path, wal_dir: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let mut moves = BTreeMap::new();
+    let rocksdb_target = |name: &str| if is_wal(name) { wal_dir.join(name) } else { rocksdb_dir.join(name) };
+    for entry in fs::read_dir(backup).with_path("list", backup)? {
+        let path = entry.with_path("list", backup)?.path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if METADATA.contains(&name.as_str()) {
+            continue;
+        }
+        if name == ROCKSDB_DIR && path.is_dir() {
+            for inner in fs::read_dir(&path).with_path("list", &path)? {
+                let inner = inner.with_path("list", &path)?.path();
+                let inner_name = inner.file_name().unwrap().to_string_lossy().into_owned();
+                moves.insert(inner.clone(), rocksdb_target(&inner_name));
+            }
+        } else if path.is_file() && is_rocksdb_file(&name) {
+            moves.insert(path.clone(), rocksdb_target(&name));
+        } else {
+            moves.insert(path.clone(), datadir.join(&name));
+        }
+    }
+    Ok(moves.into_iter().collect())
+}
+
+/// A RocksDB write-ahead log: digits and `.log` (MariaDB's `ddl.log` is not one).
+fn is_wal(name: &str) -> bool {
+    name.strip_suffix(".log")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// RocksDB files at the top level of an original-tool backup.
+fn is_rocksdb_file(name: &str) -> bool {
+    name.ends_with(".sst")
+        || is_wal(name)
+        || name == "CURRENT"
+        || name.starts_with("MANIFEST-")
+        || name.starts_with("OPTIONS-")
+}
+
+fn check_empty(dir: &Path) -> Result<()> {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => match entries.next() {
+            None => Ok(()),
+            Some(e) => Err(Error::Refused(format!(
+                "restore target {} is not empty (it holds {:?}); restore only into empty or new directories",
+                dir.display(),
+                e.map(|e| e.file_name()).unwrap_or_default()
+            ))),
+        },
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("cannot read restore target {}", dir.display()), e)),
+    }
+}
+
+fn find_mariadbd() -> Result<PathBuf> {
+    let dirs = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&dirs)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/usr/libexec"].map(PathBuf::from))
+        .map(|d| d.join("mariadbd"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::Refused(
+                "mariadbd is needed to re-create the InnoDB tables of the mysql schema and was not found: \
+                 restore on a host with the server installed"
+                    .into(),
+            )
+        })
+}
+
+/// Creates the InnoDB system tablespace and the `mysql` InnoDB tables in the new datadir.
+fn bootstrap_innodb(mariadbd: &Path, defaults_file: Option<&Path>, datadir: &Path, sql: &str) -> Result<()> {
+    let log = tempfile::NamedTempFile::new().context(|| "cannot create a temporary file".into())?;
+    let mut cmd = Command::new(mariadbd);
+    match defaults_file {
+        Some(f) => cmd.arg(format!("--defaults-file={}", f.display())),
+        None => cmd.arg("--no-defaults"),
+    };
+    cmd.arg("--bootstrap")
+        .arg(format!("--datadir={}", datadir.display()))
+        .arg(format!("--log-error={}", log.path().display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.arg("--user=root");
+    }
+    let mut child = cmd.spawn().with_path("run", mariadbd)?;
+    let script = format!("USE mysql;\n{sql}");
+    let wrote = child.stdin.take().expect("piped").write_all(script.as_bytes());
+    let status = child.wait().with_path("wait for", mariadbd)?;
+    if !status.success() || wrote.is_err() {
+        let text = fs::read_to_string(log.path()).unwrap_or_default();
+        return Err(Error::Server(format!(
+            "mariadbd --bootstrap could not re-create the InnoDB tables of the mysql schema ({status}):\n{text}"
+        )));
+    }
+    info!("Re-created the InnoDB tables of the mysql schema with mariadbd --bootstrap");
+    Ok(())
+}
+
+fn sync(dir: &Path) -> Result<()> {
+    let f = fs::File::open(dir).with_path("open", dir)?;
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(Error::io(format!("cannot sync {}", dir.display()), std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// What a restore did so far, to undo it after a failure.
+#[derive(Default)]
+struct Undo {
+    created_dirs: Vec<PathBuf>,
+    moved: Vec<(PathBuf, PathBuf)>,
+    copied: Vec<PathBuf>,
+}
+
+impl Undo {
+    fn create_dirs(&mut self, dir: &Path) -> Result<()> {
+        let missing: Vec<&Path> = dir.ancestors().take_while(|a| !a.exists()).collect();
+        fs::create_dir_all(dir).with_path("create", dir)?;
+        self.created_dirs.extend(missing.into_iter().rev().map(Path::to_path_buf));
+        Ok(())
+    }
+
+    fn transfer(&mut self, src: &Path, dst: &Path, mode: Mode) -> Result<()> {
+        if mode == Mode::Move {
+            match fs::rename(src, dst) {
+                Ok(()) => {
+                    self.moved.push((src.to_path_buf(), dst.to_path_buf()));
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {} // another filesystem: copy
+                Err(e) => return Err(Error::io(format!("cannot move {} to {}", src.display(), dst.display()), e)),
+            }
+        }
+        self.copied.push(dst.to_path_buf());
+        copy_tree(src, dst)?;
+        if mode == Mode::Move {
+            remove_tree(src)?;
+        }
+        Ok(())
+    }
+
+    fn roll_back(&mut self) {
+        for (src, dst) in self.moved.iter().rev() {
+            let _ = fs::rename(dst, src);
+        }
+        for dst in self.copied.iter().rev() {
+            let _ = remove_tree(dst);
+        }
+        for dir in self.created_dirs.iter().rev() {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Copies a file or directory tree, keeping modes and modification times.
+fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    let md = fs::metadata(src).with_path("stat", src)?;
+    if md.is_dir() {
+        fs::create_dir(dst).with_path("create", dst)?;
+        for entry in fs::read_dir(src).with_path("list", src)? {
+            let entry = entry.with_path("list", src)?;
+            copy_tree(&entry.path(), &dst.join(entry.file_name()))?;
+        }
+    } else {
+        fs::copy(src, dst).context(|| format!("cannot copy {} to {}", src.display(), dst.display()))?;
+        let f = fs::File::options().write(true).open(dst).with_path("open", dst)?;
+        f.set_modified(md.modified().with_path("stat", src)?).with_path("set the time of", dst)?;
+    }
+    fs::set_permissions(dst, md.permissions()).with_path("set permissions of", dst)
+}
+
+fn remove_tree(p: &Path) -> Result<()> {
+    if p.is_dir() {
+        fs::remove_dir_all(p).with_path("remove", p)
+    } else {
+        fs::remove_file(p).with_path("remove", p)
+    }
+}
