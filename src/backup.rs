@@ -82,16 +82,33 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
     server.check_privileges()?;
     let mut info = server.info()?;
     locate_datadir(args, &mut info)?;
-    info!("Server {} ({}), datadir {}, RocksDB data {}", info.version, info.hostname, info.datadir.display(), info.rocksdb_datadir.display());
+    info!(
+        "Server {} ({}), datadir {}, RocksDB data {}",
+        info.version,
+        info.hostname,
+        info.datadir.display(),
+        info.rocksdb_datadir.display()
+    );
 
     let checkpoint_parent = match &args.checkpoint_dir {
         Some(dir) => dir.clone(),
-        None => info.rocksdb_datadir.parent().unwrap_or(&info.datadir).join(DEFAULT_CHECKPOINT_DIR),
+        None => info
+            .rocksdb_datadir
+            .parent()
+            .unwrap_or(&info.datadir)
+            .join(DEFAULT_CHECKPOINT_DIR),
     };
     let area = CheckpointArea::prepare(&checkpoint_parent, &info.rocksdb_datadir)?;
-    let skip = [&*info.rocksdb_datadir, &*info.rocksdb_wal_dir, &*checkpoint_parent];
+    let skip = [
+        &*info.rocksdb_datadir,
+        &*info.rocksdb_wal_dir,
+        &*checkpoint_parent,
+    ];
     // Fail now, not after hours of rounds, if InnoDB user tables make the backup impossible.
-    check_innodb(&datadir::select(&info.datadir, &skip)?.innodb_user_tables, args.skip_innodb_tables)?;
+    check_innodb(
+        &datadir::select(&info.datadir, &skip)?.innodb_user_tables,
+        args.skip_innodb_tables,
+    )?;
 
     let mut job = Job {
         reader: FileReader::new(cancel.clone()),
@@ -101,7 +118,8 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
         progress: Progress::new(),
         cancel,
     };
-    job.records.push(manifest::write_begin(&mut job.reader, job.dest)?);
+    job.records
+        .push(manifest::write_begin(&mut job.reader, job.dest)?);
 
     let rounds = job.catch_up(&mut server, &area, Duration::from_secs(args.interval))?;
     if let Some(signal_file) = &args.debug_signal_file {
@@ -112,7 +130,8 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
     }
 
     server.exec("BACKUP STAGE START")?;
-    let consistent = job.consistent_point(&mut server, &area, &info, &skip, args.skip_innodb_tables);
+    let consistent =
+        job.consistent_point(&mut server, &area, &info, &skip, args.skip_innodb_tables);
     if consistent.is_err() {
         let _ = server.exec("BACKUP STAGE END");
     }
@@ -121,13 +140,19 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
         "Consistent point: commits were blocked for {:.1} ms, DDL for {:.1} ms; binary log {}",
         point.commit_stall_ms,
         point.ddl_block_ms,
-        point.binlog.as_ref().map_or("is off".into(), |b| format!("{}:{} (GTID {})", b.file, b.position, b.gtid_binlog_pos))
+        point.binlog.as_ref().map_or("is off".into(), |b| format!(
+            "{}:{} (GTID {})",
+            b.file, b.position, b.gtid_binlog_pos
+        ))
     );
 
     job.send_final(&point)?;
     let mut extra: Vec<(&str, Vec<u8>)> = Vec::new();
     match &point.binlog {
-        Some(b) => extra.push((BINLOG_INFO_NAME, format!("{}\t{}\t{}\n", b.file, b.position, b.gtid_binlog_pos).into_bytes())),
+        Some(b) => extra.push((
+            BINLOG_INFO_NAME,
+            format!("{}\t{}\t{}\n", b.file, b.position, b.gtid_binlog_pos).into_bytes(),
+        )),
         None => warn!("The server's binary log is off: the backup records no coordinates"),
     }
     if !point.innodb_sql.is_empty() {
@@ -155,7 +180,11 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
         files: std::mem::take(&mut job.records),
     };
     manifest::write_manifest(&manifest, &mut job.reader, job.dest)?;
-    job.progress.finish(job.reader.bytes_sent(), manifest.files.len() + 1, job.sent_sst.len());
+    job.progress.finish(
+        job.reader.bytes_sent(),
+        manifest.files.len() + 1,
+        job.sent_sst.len(),
+    );
     drop(area);
     Ok(manifest.backup)
 }
@@ -265,7 +294,12 @@ impl Job<'_> {
     }
 
     /// Sends SSTs through renewed checkpoints until one round sends all of its checkpoint.
-    fn catch_up(&mut self, server: &mut Server, area: &CheckpointArea, interval: Duration) -> Result<Vec<RoundStats>> {
+    fn catch_up(
+        &mut self,
+        server: &mut Server,
+        area: &CheckpointArea,
+        interval: Duration,
+    ) -> Result<Vec<RoundStats>> {
         let mut rounds = Vec::new();
         for round in 1.. {
             self.cancel.check()?;
@@ -279,7 +313,11 @@ impl Job<'_> {
                 )));
             }
             let ssts = self.unsent_ssts(&dir)?;
-            info!("Round {round}: checkpoint {} holds {} SST files not yet sent", dir.display(), ssts.len());
+            info!(
+                "Round {round}: checkpoint {} holds {} SST files not yet sent",
+                dir.display(),
+                ssts.len()
+            );
             let (mut files, mut bytes) = (0, 0);
             for (name, size) in &ssts {
                 let link = dir.join(name);
@@ -335,7 +373,11 @@ impl Job<'_> {
         for f in sel.schema.iter().chain(&sel.table_data) {
             self.send(&f.source, &f.name)?;
         }
-        info!("Sent {} table definition and {} table data files", sel.schema.len(), sel.table_data.len());
+        info!(
+            "Sent {} table definition and {} table data files",
+            sel.schema.len(),
+            sel.table_data.len()
+        );
         server.flush_memtables()?;
         let checkpoint = area.checkpoint_path("final");
         let aria_dir = area.scratch_dir("aria")?;
@@ -349,7 +391,10 @@ impl Job<'_> {
             for f in &sel.aria_logs {
                 let copy = aria_dir.join(&f.name);
                 fs::copy(&f.source, &copy).with_path("copy", &f.source)?;
-                aria_copies.push(DatadirFile { source: copy, name: f.name.clone() });
+                aria_copies.push(DatadirFile {
+                    source: copy,
+                    name: f.name.clone(),
+                });
             }
             Ok((binlog, aria_copies))
         })();

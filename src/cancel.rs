@@ -24,7 +24,11 @@ impl Cancel {
         let cancel = Cancel::default();
         let seen = Arc::new(AtomicBool::new(false));
         for sig in [libc::SIGINT, libc::SIGTERM] {
-            signal_hook::flag::register_conditional_shutdown(sig, crate::error::exit::INTERRUPTED, seen.clone())?;
+            signal_hook::flag::register_conditional_shutdown(
+                sig,
+                crate::error::exit::INTERRUPTED,
+                seen.clone(),
+            )?;
             signal_hook::flag::register(sig, seen.clone())?;
             signal_hook::flag::register_usize(sig, cancel.signal.clone(), sig as usize)?;
         }

@@ -27,10 +27,16 @@ impl CheckpointArea {
     /// Prepares `parent` for checkpoints of the RocksDB data in `rocksdb_dir`: it must be on
     /// the same filesystem (checkpoints are hard links there, full copies elsewhere).
     pub fn prepare(parent: &Path, rocksdb_dir: &Path) -> Result<CheckpointArea> {
-        let rocks = fs::metadata(rocksdb_dir).with_path("stat the RocksDB data directory", rocksdb_dir)?;
+        let rocks =
+            fs::metadata(rocksdb_dir).with_path("stat the RocksDB data directory", rocksdb_dir)?;
         let created_parent = match fs::metadata(parent) {
             Ok(md) if md.is_dir() => None,
-            Ok(_) => return Err(Error::Refused(format!("checkpoint directory {} is not a directory", parent.display()))),
+            Ok(_) => {
+                return Err(Error::Refused(format!(
+                    "checkpoint directory {} is not a directory",
+                    parent.display()
+                )))
+            }
             Err(_) => {
                 fs::create_dir(parent).with_path("create the checkpoint directory", parent)?;
                 give_to_server(parent, &rocks)?;
@@ -43,7 +49,9 @@ impl CheckpointArea {
             }
             e
         };
-        let md = fs::metadata(parent).with_path("stat", parent).map_err(cleanup_parent)?;
+        let md = fs::metadata(parent)
+            .with_path("stat", parent)
+            .map_err(cleanup_parent)?;
         if md.dev() != rocks.dev() {
             return Err(cleanup_parent(Error::Refused(format!(
                 "checkpoint directory {} is on another filesystem than the RocksDB data ({}): \
@@ -53,13 +61,23 @@ impl CheckpointArea {
             ))));
         }
         remove_stale_runs(parent).map_err(cleanup_parent)?;
-        let run_dir = parent.join(format!("{RUN_PREFIX}{}-{}", std::process::id(), crate::log::unix_now()));
+        let run_dir = parent.join(format!(
+            "{RUN_PREFIX}{}-{}",
+            std::process::id(),
+            crate::log::unix_now()
+        ));
         fs::create_dir(&run_dir)
             .with_path("create a directory in the checkpoint directory", &run_dir)
             .map_err(cleanup_parent)?;
-        let area = CheckpointArea { run_dir, created_parent };
-        fs::write(area.run_dir.join(OWNER_FILE), format!("{OWNER_TAG} {}\n", std::process::id()))
-            .with_path("write", &area.run_dir.join(OWNER_FILE))?;
+        let area = CheckpointArea {
+            run_dir,
+            created_parent,
+        };
+        fs::write(
+            area.run_dir.join(OWNER_FILE),
+            format!("{OWNER_TAG} {}\n", std::process::id()),
+        )
+        .with_path("write", &area.run_dir.join(OWNER_FILE))?;
         give_to_server(&area.run_dir, &rocks)?;
         Ok(area)
     }
@@ -81,7 +99,10 @@ impl Drop for CheckpointArea {
     fn drop(&mut self) {
         match fs::remove_dir_all(&self.run_dir) {
             Ok(()) => info!("Removed checkpoint directory {}", self.run_dir.display()),
-            Err(e) => warn!("Could not remove checkpoint directory {}: {e}", self.run_dir.display()),
+            Err(e) => warn!(
+                "Could not remove checkpoint directory {}: {e}",
+                self.run_dir.display()
+            ),
         }
         if let Some(parent) = &self.created_parent {
             let _ = fs::remove_dir(parent);
@@ -93,7 +114,8 @@ impl Drop for CheckpointArea {
 /// another user, that user must own it.
 fn give_to_server(dir: &Path, rocks: &fs::Metadata) -> Result<()> {
     if unsafe { libc::geteuid() } == 0 {
-        std::os::unix::fs::chown(dir, Some(rocks.uid()), Some(rocks.gid())).with_path("chown", dir)?;
+        std::os::unix::fs::chown(dir, Some(rocks.uid()), Some(rocks.gid()))
+            .with_path("chown", dir)?;
     }
     Ok(())
 }
@@ -107,8 +129,13 @@ fn remove_stale_runs(parent: &Path) -> Result<()> {
         if !name.starts_with(RUN_PREFIX) || !path.is_dir() {
             continue;
         }
-        let Ok(owner) = fs::read_to_string(path.join(OWNER_FILE)) else { continue };
-        let Some(pid) = owner.strip_prefix(OWNER_TAG).and_then(|p| p.trim().parse::<u32>().ok()) else {
+        let Ok(owner) = fs::read_to_string(path.join(OWNER_FILE)) else {
+            continue;
+        };
+        let Some(pid) = owner
+            .strip_prefix(OWNER_TAG)
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        else {
             continue;
         };
         if process_is_ours(pid) {
@@ -118,7 +145,10 @@ fn remove_stale_runs(parent: &Path) -> Result<()> {
             )));
         }
         fs::remove_dir_all(&path).with_path("remove the stale checkpoint directory", &path)?;
-        info!("Removed checkpoint directory {} left by an earlier run that was killed (pid {pid})", path.display());
+        info!(
+            "Removed checkpoint directory {} left by an earlier run that was killed (pid {pid})",
+            path.display()
+        );
     }
     Ok(())
 }

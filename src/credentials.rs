@@ -11,7 +11,12 @@ use crate::error::{Error, Result};
 
 /// Where the MariaDB client library looks for a socket when it is given none.
 const DEFAULT_SOCKET: &str = "/run/mysqld/mysqld.sock";
-const GROUPS: &[&str] = &["client", "client-server", "client-mariadb", "myrocks-hotbackup"];
+const GROUPS: &[&str] = &[
+    "client",
+    "client-server",
+    "client-mariadb",
+    "myrocks-hotbackup",
+];
 
 /// How to reach the server.
 #[derive(Clone, PartialEq, Eq)]
@@ -63,8 +68,9 @@ fn resolve_with(
         Some(p) => Some(p),
         None => from_files("port")
             .map(|p| {
-                p.parse::<u16>()
-                    .map_err(|_| Error::Usage(format!("option files: port={p} is not a port number")))
+                p.parse::<u16>().map_err(|_| {
+                    Error::Usage(format!("option files: port={p} is not a port number"))
+                })
             })
             .transpose()?,
     };
@@ -111,7 +117,10 @@ fn option_file_values(args: &ConnectionArgs) -> Result<HashMap<String, String>> 
         if p.is_file() {
             Ok(p.clone())
         } else {
-            Err(Error::Usage(format!("option file {} does not exist", p.display())))
+            Err(Error::Usage(format!(
+                "option file {} does not exist",
+                p.display()
+            )))
         }
     };
     let mut files = Vec::new();
@@ -135,13 +144,21 @@ fn option_file_values(args: &ConnectionArgs) -> Result<HashMap<String, String>> 
 
 fn read_option_file(path: &Path, values: &mut HashMap<String, String>, depth: u32) -> Result<()> {
     if depth > 10 {
-        return Err(Error::Usage(format!("option files include each other too deeply at {}", path.display())));
+        return Err(Error::Usage(format!(
+            "option files include each other too deeply at {}",
+            path.display()
+        )));
     }
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
         // Unreadable system files are skipped, as the client library does.
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Ok(()),
-        Err(e) => return Err(Error::Usage(format!("cannot read option file {}: {e}", path.display()))),
+        Err(e) => {
+            return Err(Error::Usage(format!(
+                "cannot read option file {}: {e}",
+                path.display()
+            )))
+        }
     };
     let mut in_group = false;
     for line in text.lines().map(str::trim) {
@@ -171,7 +188,9 @@ fn read_option_file(path: &Path, values: &mut HashMap<String, String>, depth: u3
 fn unquote(value: &str) -> String {
     for q in ['"', '\''] {
         if let Some(inner) = value.strip_prefix(q).and_then(|v| v.strip_suffix(q)) {
-            return inner.replace("\\\\", "\\").replace(&format!("\\{q}"), &q.to_string());
+            return inner
+                .replace("\\\\", "\\")
+                .replace(&format!("\\{q}"), &q.to_string());
         }
     }
     // An unquoted value ends at a comment.
@@ -187,7 +206,10 @@ mod tests {
     }
 
     fn files(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -195,13 +217,19 @@ mod tests {
         let f = files(&[("user", "fileuser"), ("password", "filepw")]);
         let mut a = args();
         let c = resolve_with(&a, &f, Some("envpw".into())).unwrap();
-        assert_eq!((c.user.as_str(), c.password.as_deref()), ("fileuser", Some("filepw")));
+        assert_eq!(
+            (c.user.as_str(), c.password.as_deref()),
+            ("fileuser", Some("filepw"))
+        );
         let c = resolve_with(&a, &files(&[]), Some("envpw".into())).unwrap();
         assert_eq!(c.password.as_deref(), Some("envpw"));
         a.password = Some("clipw".into());
         a.user = Some("cliuser".into());
         let c = resolve_with(&a, &f, Some("envpw".into())).unwrap();
-        assert_eq!((c.user.as_str(), c.password.as_deref()), ("cliuser", Some("clipw")));
+        assert_eq!(
+            (c.user.as_str(), c.password.as_deref()),
+            ("cliuser", Some("clipw"))
+        );
     }
 
     #[test]
@@ -210,13 +238,28 @@ mod tests {
         let c = resolve_with(&a, &files(&[("socket", "/s")]), None).unwrap();
         assert!(c.endpoint == Endpoint::Socket("/s".into()));
         a.host = Some("localhost".into());
-        assert!(resolve_with(&a, &files(&[]), None).unwrap().endpoint == Endpoint::Socket(DEFAULT_SOCKET.into()));
+        assert!(
+            resolve_with(&a, &files(&[]), None).unwrap().endpoint
+                == Endpoint::Socket(DEFAULT_SOCKET.into())
+        );
         a.host = None;
         a.port = Some(3310);
         let c = resolve_with(&a, &files(&[]), None).unwrap();
-        assert!(c.endpoint == Endpoint::Tcp { host: "127.0.0.1".into(), port: 3310 });
+        assert!(
+            c.endpoint
+                == Endpoint::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: 3310
+                }
+        );
         let c = resolve_with(&args(), &files(&[("host", "db1"), ("port", "3307")]), None).unwrap();
-        assert!(c.endpoint == Endpoint::Tcp { host: "db1".into(), port: 3307 });
+        assert!(
+            c.endpoint
+                == Endpoint::Tcp {
+                    host: "db1".into(),
+                    port: 3307
+                }
+        );
     }
 
     #[test]

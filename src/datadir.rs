@@ -12,7 +12,8 @@ use crate::error::{IoContext, Result};
 
 /// Extensions of files that belong to a table or database and can be copied as they are.
 const TABLE_EXTENSIONS: &[&str] = &[
-    "frm", "par", "TRG", "TRN", "opt", "MYD", "MYI", "MAD", "MAI", "MRG", "ARM", "ARZ", "CSM", "CSV",
+    "frm", "par", "TRG", "TRN", "opt", "MYD", "MYI", "MAD", "MAI", "MRG", "ARM", "ARZ", "CSM",
+    "CSV",
 ];
 /// The legacy engine byte of a `.frm` (offset 3) and `.par` (offset 12).
 const DB_TYPE_INNODB: u8 = 12;
@@ -47,8 +48,12 @@ pub fn select(datadir: &Path, skip: &[&Path]) -> Result<Selection> {
         let name = entry.file_name().unwrap().to_string_lossy().into_owned();
         let md = fs::metadata(&entry).with_path("stat", &entry)?;
         if md.is_file() && (name == "aria_log_control" || is_aria_log(&name)) {
-            sel.aria_logs.push(DatadirFile { source: entry, name });
-        } else if md.is_dir() && is_database_dir(&name) && !skip.iter().any(|s| same_dir(s, &entry)) {
+            sel.aria_logs.push(DatadirFile {
+                source: entry,
+                name,
+            });
+        } else if md.is_dir() && is_database_dir(&name) && !skip.iter().any(|s| same_dir(s, &entry))
+        {
             select_database(&entry, &name, &mut sel)?;
         }
     }
@@ -58,7 +63,9 @@ pub fn select(datadir: &Path, skip: &[&Path]) -> Result<Selection> {
 fn select_database(dir: &Path, db: &str, sel: &mut Selection) -> Result<()> {
     for entry in sorted_entries(dir)? {
         let file = entry.file_name().unwrap().to_string_lossy().into_owned();
-        let Some((stem, ext)) = file.rsplit_once('.') else { continue };
+        let Some((stem, ext)) = file.rsplit_once('.') else {
+            continue;
+        };
         if file.starts_with("#sql") || !TABLE_EXTENSIONS.contains(&ext) || !entry.is_file() {
             continue;
         }
@@ -69,7 +76,10 @@ fn select_database(dir: &Path, db: &str, sel: &mut Selection) -> Result<()> {
             }
             continue;
         }
-        if ext == "par" && dir.join(format!("{stem}.frm")).is_file() && is_innodb_table(&dir.join(format!("{stem}.frm")))? {
+        if ext == "par"
+            && dir.join(format!("{stem}.frm")).is_file()
+            && is_innodb_table(&dir.join(format!("{stem}.frm")))?
+        {
             continue;
         }
         let f = DatadirFile {
@@ -86,7 +96,10 @@ fn select_database(dir: &Path, db: &str, sel: &mut Selection) -> Result<()> {
 
 /// Directories in the datadir that are databases.
 fn is_database_dir(name: &str) -> bool {
-    !name.starts_with('.') && name != "lost+found" && name != "#innodb_temp" && !name.starts_with("#sql")
+    !name.starts_with('.')
+        && name != "lost+found"
+        && name != "#innodb_temp"
+        && !name.starts_with("#sql")
 }
 
 fn is_aria_log(name: &str) -> bool {
@@ -161,7 +174,10 @@ mod tests {
             ("app/t.frm", frm(45)),
             ("app/inno.frm", frm(DB_TYPE_INNODB)),
             ("app/parted.frm", frm(DB_TYPE_PARTITION)),
-            ("app/parted.par", vec![7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, DB_TYPE_INNODB]),
+            (
+                "app/parted.par",
+                vec![7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, DB_TYPE_INNODB],
+            ),
             ("app/v.frm", b"TYPE=VIEW\n".to_vec()),
             ("app/notes.txt", vec![]),
             ("app/t.frm.bak", vec![]),
@@ -177,8 +193,20 @@ mod tests {
         }
         let sel = select(p, &[&p.join("#rocksdb"), &p.join("ckpt")]).unwrap();
         let names = |v: &[DatadirFile]| v.iter().map(|f| f.name.clone()).collect::<Vec<_>>();
-        assert_eq!(names(&sel.aria_logs), ["aria_log.00000001", "aria_log_control"]);
-        assert_eq!(names(&sel.schema), ["app/db.opt", "app/t.frm", "app/trg.TRG", "app/v.frm", "mysql/user.frm"]);
+        assert_eq!(
+            names(&sel.aria_logs),
+            ["aria_log.00000001", "aria_log_control"]
+        );
+        assert_eq!(
+            names(&sel.schema),
+            [
+                "app/db.opt",
+                "app/t.frm",
+                "app/trg.TRG",
+                "app/v.frm",
+                "mysql/user.frm"
+            ]
+        );
         assert_eq!(names(&sel.table_data), ["app/csv.CSV", "mysql/user.MAD"]);
         assert_eq!(sel.innodb_system_tables, ["gtid_slave_pos"]);
         assert_eq!(sel.innodb_user_tables, ["app.inno", "app.parted"]);

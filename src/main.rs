@@ -20,7 +20,9 @@ fn main() {
     let code = match run(command) {
         Ok(()) => exit::OK,
         Err(e) if e.is_broken_pipe() => {
-            error!("the reader of the backup stream went away (broken pipe): the backup is incomplete");
+            error!(
+                "the reader of the backup stream went away (broken pipe): the backup is incomplete"
+            );
             e.exit_code()
         }
         Err(e) => {

@@ -35,11 +35,20 @@ const METADATA: &[&str] = &[BEGIN_NAME, MANIFEST_NAME, INNODB_SQL_NAME, BINLOG_I
 pub fn run(args: &RestoreArgs, mode: Mode) -> Result<()> {
     let backup = &args.backup_dir;
     if !backup.is_dir() {
-        return Err(Error::Refused(format!("backup directory {} does not exist", backup.display())));
+        return Err(Error::Refused(format!(
+            "backup directory {} does not exist",
+            backup.display()
+        )));
     }
     let datadir = args.datadir.clone();
-    let rocksdb_dir = args.rocksdb_datadir.clone().unwrap_or_else(|| datadir.join(ROCKSDB_DIR));
-    let wal_dir = args.rocksdb_waldir.clone().unwrap_or_else(|| rocksdb_dir.clone());
+    let rocksdb_dir = args
+        .rocksdb_datadir
+        .clone()
+        .unwrap_or_else(|| datadir.join(ROCKSDB_DIR));
+    let wal_dir = args
+        .rocksdb_waldir
+        .clone()
+        .unwrap_or_else(|| rocksdb_dir.clone());
     check_complete(backup)?;
     let plan = plan(backup, &datadir, &rocksdb_dir, &wal_dir)?;
     for target in [&datadir, &rocksdb_dir, &wal_dir] {
@@ -78,7 +87,11 @@ pub fn run(args: &RestoreArgs, mode: Mode) -> Result<()> {
     if mode == Mode::Move {
         let _ = fs::remove_dir(backup.join(ROCKSDB_DIR)); // emptied by the move
     }
-    let verb = if mode == Mode::Move { "Moved" } else { "Copied" };
+    let verb = if mode == Mode::Move {
+        "Moved"
+    } else {
+        "Copied"
+    };
     info!(
         "{verb} {} entries into {} (RocksDB data {}, WAL {})",
         plan.len(),
@@ -107,14 +120,17 @@ fn check_complete(backup: &Path) -> Result<()> {
                 backup.display()
             )))
         }
-        Err(_) if backup.join(ROCKSDB_DIR).join("CURRENT").is_file() || backup.join("CURRENT").is_file() => {
+        Err(_)
+            if backup.join(ROCKSDB_DIR).join("CURRENT").is_file()
+                || backup.join("CURRENT").is_file() =>
+        {
             return Ok(()); // a backup of the original tool: nothing to check against
         }
         Err(_) => {
             return Err(Error::Refused(format!(
-                "{} does not look like an extracted MyRocks backup (no {MANIFEST_NAME}, no CURRENT)",
-                backup.display()
-            )))
+            "{} does not look like an extracted MyRocks backup (no {MANIFEST_NAME}, no CURRENT)",
+            backup.display()
+        )))
         }
     };
     let manifest: Manifest<serde_json::Value> = serde_json::from_slice(&manifest)
@@ -123,7 +139,12 @@ fn check_complete(backup: &Path) -> Result<()> {
         let path = backup.join(&f.path);
         match fs::metadata(&path) {
             Ok(md) if md.len() == f.size => Ok(()),
-            Ok(md) => Err(Error::Corrupt(format!("{} has {} bytes, the manifest says {}", path.display(), md.len(), f.size))),
+            Ok(md) => Err(Error::Corrupt(format!(
+                "{} has {} bytes, the manifest says {}",
+                path.display(),
+                md.len(),
+                f.size
+            ))),
             Err(_) => Err(Error::Corrupt(format!(
                 "{} is missing from the backup (an extraction that skipped files?)",
                 path.display()
@@ -134,9 +155,20 @@ fn check_complete(backup: &Path) -> Result<()> {
 }
 
 /// Where every entry of the backup goes.
-fn plan(backup: &Path, datadir: &Path, rocksdb_dir: &Path, wal_dir: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+fn plan(
+    backup: &Path,
+    datadir: &Path,
+    rocksdb_dir: &Path,
+    wal_dir: &Path,
+) -> Result<Vec<(PathBuf, PathBuf)>> {
     let mut moves = BTreeMap::new();
-    let rocksdb_target = |name: &str| if is_wal(name) { wal_dir.join(name) } else { rocksdb_dir.join(name) };
+    let rocksdb_target = |name: &str| {
+        if is_wal(name) {
+            wal_dir.join(name)
+        } else {
+            rocksdb_dir.join(name)
+        }
+    };
     for entry in fs::read_dir(backup).with_path("list", backup)? {
         let path = entry.with_path("list", backup)?.path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
@@ -204,7 +236,12 @@ fn find_mariadbd() -> Result<PathBuf> {
 }
 
 /// Creates the InnoDB system tablespace and the `mysql` InnoDB tables in the new datadir.
-fn bootstrap_innodb(mariadbd: &Path, defaults_file: Option<&Path>, datadir: &Path, sql: &str) -> Result<()> {
+fn bootstrap_innodb(
+    mariadbd: &Path,
+    defaults_file: Option<&Path>,
+    datadir: &Path,
+    sql: &str,
+) -> Result<()> {
     let log = tempfile::NamedTempFile::new().context(|| "cannot create a temporary file".into())?;
     let mut cmd = Command::new(mariadbd);
     match defaults_file {
@@ -222,7 +259,11 @@ fn bootstrap_innodb(mariadbd: &Path, defaults_file: Option<&Path>, datadir: &Pat
     }
     let mut child = cmd.spawn().with_path("run", mariadbd)?;
     let script = format!("USE mysql;\n{sql}");
-    let wrote = child.stdin.take().expect("piped").write_all(script.as_bytes());
+    let wrote = child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes());
     let status = child.wait().with_path("wait for", mariadbd)?;
     if !status.success() || wrote.is_err() {
         let text = fs::read_to_string(log.path()).unwrap_or_default();
@@ -237,7 +278,10 @@ fn bootstrap_innodb(mariadbd: &Path, defaults_file: Option<&Path>, datadir: &Pat
 fn sync(dir: &Path) -> Result<()> {
     let f = fs::File::open(dir).with_path("open", dir)?;
     if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(Error::io(format!("cannot sync {}", dir.display()), std::io::Error::last_os_error()));
+        return Err(Error::io(
+            format!("cannot sync {}", dir.display()),
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -254,7 +298,8 @@ impl Undo {
     fn create_dirs(&mut self, dir: &Path) -> Result<()> {
         let missing: Vec<&Path> = dir.ancestors().take_while(|a| !a.exists()).collect();
         fs::create_dir_all(dir).with_path("create", dir)?;
-        self.created_dirs.extend(missing.into_iter().rev().map(Path::to_path_buf));
+        self.created_dirs
+            .extend(missing.into_iter().rev().map(Path::to_path_buf));
         Ok(())
     }
 
@@ -266,7 +311,12 @@ impl Undo {
                     return Ok(());
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {} // another filesystem: copy
-                Err(e) => return Err(Error::io(format!("cannot move {} to {}", src.display(), dst.display()), e)),
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("cannot move {} to {}", src.display(), dst.display()),
+                        e,
+                    ))
+                }
             }
         }
         self.copied.push(dst.to_path_buf());
@@ -300,9 +350,14 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
             copy_tree(&entry.path(), &dst.join(entry.file_name()))?;
         }
     } else {
-        fs::copy(src, dst).context(|| format!("cannot copy {} to {}", src.display(), dst.display()))?;
-        let f = fs::File::options().write(true).open(dst).with_path("open", dst)?;
-        f.set_modified(md.modified().with_path("stat", src)?).with_path("set the time of", dst)?;
+        fs::copy(src, dst)
+            .context(|| format!("cannot copy {} to {}", src.display(), dst.display()))?;
+        let f = fs::File::options()
+            .write(true)
+            .open(dst)
+            .with_path("open", dst)?;
+        f.set_modified(md.modified().with_path("stat", src)?)
+            .with_path("set the time of", dst)?;
     }
     fs::set_permissions(dst, md.permissions()).with_path("set permissions of", dst)
 }

@@ -35,7 +35,10 @@ pub struct BinlogPosition {
 const PRIVILEGES: &[(&[&str], &str)] = &[
     (&["RELOAD"], "BACKUP STAGE"),
     (&["SUPER"], "creating RocksDB checkpoints"),
-    (&["BINLOG MONITOR", "REPLICATION CLIENT", "SUPER"], "reading the binary log position"),
+    (
+        &["BINLOG MONITOR", "REPLICATION CLIENT", "SUPER"],
+        "reading the binary log position",
+    ),
     (&["SELECT"], "reading the InnoDB system table definitions"),
 ];
 
@@ -79,13 +82,18 @@ impl Server {
     }
 
     fn value(&mut self, sql: &str) -> Result<Option<String>> {
-        let row: Option<Option<String>> = self.conn.query_first(sql).map_err(|e| Server::fail(sql, e))?;
+        let row: Option<Option<String>> = self
+            .conn
+            .query_first(sql)
+            .map_err(|e| Server::fail(sql, e))?;
         Ok(row.flatten())
     }
 
     /// Refuses a server without an active RocksDB engine.
     pub fn check_rocksdb(&mut self) -> Result<()> {
-        let status = self.value("SELECT PLUGIN_STATUS FROM information_schema.PLUGINS WHERE PLUGIN_NAME = 'ROCKSDB'")?;
+        let status = self.value(
+            "SELECT PLUGIN_STATUS FROM information_schema.PLUGINS WHERE PLUGIN_NAME = 'ROCKSDB'",
+        )?;
         match status.as_deref() {
             Some("ACTIVE") => Ok(()),
             Some(other) => Err(Error::Server(format!("the RocksDB plugin is {other}, not ACTIVE"))),
@@ -117,7 +125,10 @@ impl Server {
         if missing.is_empty() {
             return Ok(());
         }
-        let names: Vec<&str> = missing.iter().map(|m| m.split(" (").next().unwrap()).collect();
+        let names: Vec<&str> = missing
+            .iter()
+            .map(|m| m.split(" (").next().unwrap())
+            .collect();
         Err(Error::Server(format!(
             "user {current} lacks the privileges {}; grant them with: GRANT {} ON *.* TO {grantee}",
             missing.join(", "),
@@ -129,7 +140,9 @@ impl Server {
         type Row = (String, String, String, String, Option<String>);
         let row: Option<Row> = self
             .conn
-            .query_first("SELECT @@version, @@hostname, @@datadir, @@rocksdb_datadir, @@rocksdb_wal_dir")
+            .query_first(
+                "SELECT @@version, @@hostname, @@datadir, @@rocksdb_datadir, @@rocksdb_wal_dir",
+            )
             .map_err(|e| Server::fail("reading server variables", e))?;
         let (version, hostname, datadir, rocksdb_datadir, wal_dir) =
             row.ok_or_else(|| Error::Server("the server returned no variables".into()))?;
@@ -150,7 +163,10 @@ impl Server {
 
     /// Creates a RocksDB checkpoint (the server flushes its memtables first).
     pub fn create_checkpoint(&mut self, dir: &Path) -> Result<()> {
-        let sql = format!("SET GLOBAL rocksdb_create_checkpoint = {}", quote(&dir.to_string_lossy()));
+        let sql = format!(
+            "SET GLOBAL rocksdb_create_checkpoint = {}",
+            quote(&dir.to_string_lossy())
+        );
         self.exec(&sql)
     }
 
@@ -162,7 +178,10 @@ impl Server {
     /// `SHOW CREATE TABLE` of `db`.`table`.
     pub fn create_table_sql(&mut self, db: &str, table: &str) -> Result<String> {
         let sql = format!("SHOW CREATE TABLE `{db}`.`{table}`");
-        let row: Option<(String, String)> = self.conn.query_first(&sql).map_err(|e| Server::fail(&sql, e))?;
+        let row: Option<(String, String)> = self
+            .conn
+            .query_first(&sql)
+            .map_err(|e| Server::fail(&sql, e))?;
         Ok(row.map(|(_, create)| create).unwrap_or_default())
     }
 
@@ -174,8 +193,10 @@ impl Server {
             .map_err(|e| Server::fail("SHOW MASTER STATUS", e))?;
         let Some(row) = status else { return Ok(None) };
         let (file, position): (String, u64) = (
-            row.get(0).ok_or_else(|| Error::Server("SHOW MASTER STATUS: no file".into()))?,
-            row.get(1).ok_or_else(|| Error::Server("SHOW MASTER STATUS: no position".into()))?,
+            row.get(0)
+                .ok_or_else(|| Error::Server("SHOW MASTER STATUS: no file".into()))?,
+            row.get(1)
+                .ok_or_else(|| Error::Server("SHOW MASTER STATUS: no position".into()))?,
         );
         let gtids: Option<(String, String)> = self
             .conn
@@ -198,5 +219,7 @@ fn quote(s: &str) -> String {
 
 /// Removes `.` components and trailing slashes (the server reports `/var/lib/mysql/./#rocksdb`).
 fn normalize(p: &Path) -> PathBuf {
-    p.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
+    p.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
 }

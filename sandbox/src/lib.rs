@@ -3,6 +3,8 @@
 //! and a private socket, and is shut down and removed when dropped (also when a test
 //! panics). Missing server binaries are a loud failure naming the install command.
 
+pub mod workload;
+
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -51,6 +53,12 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+fn private_tmpdir(home: &Path) -> PathBuf {
+    let dir = home.join("tmp");
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -76,6 +84,10 @@ impl Server {
         install
             .arg("--no-defaults")
             .arg(format!("--datadir={}", datadir.display()))
+            .arg(format!(
+                "--tmpdir={}",
+                private_tmpdir(home.path()).display()
+            ))
             .arg("--auth-root-authentication-method=normal")
             .arg("--skip-test-db")
             .args(SERVER_ARGS)
@@ -125,6 +137,11 @@ impl Server {
                 home.path().join("binlog").display()
             ))
             .arg(format!("--server-id={port}"))
+            // A shared tmpdir makes parallel servers collide on temporary table names.
+            .arg(format!(
+                "--tmpdir={}",
+                private_tmpdir(home.path()).display()
+            ))
             .args(SERVER_ARGS)
             .args(extra)
             .stdin(Stdio::null())

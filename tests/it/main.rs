@@ -4,6 +4,8 @@
 mod common;
 
 mod archive_tools;
+mod backup_restore;
 mod extract_safety;
+mod failures;
 mod properties;
 mod sandbox_harness;

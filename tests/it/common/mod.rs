@@ -1,5 +1,7 @@
 //! Shared test helpers: file trees, tree comparison, writing our streams, running tools.
 
+pub mod db;
+
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
@@ -133,6 +135,21 @@ pub fn assert_same_tree(expected: &Path, actual: &Path, with_attrs: bool) {
             );
         }
     }
+}
+
+/// Asserts that the tree at `root` still matches a snapshot taken earlier, naming what changed.
+pub fn assert_unchanged(before: &BTreeMap<String, (Vec<u8>, u32, i64)>, root: &Path) {
+    let after = snapshot(root);
+    let changed: Vec<&String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k))
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "{} changed: {changed:?}",
+        root.display()
+    );
 }
 
 /// Every file under `root`, relative, in "files before subdirectories" order: the order in

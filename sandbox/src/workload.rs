@@ -1,0 +1,169 @@
+//! Workloads for a sandbox server: a bank whose invariants prove a copy is transactionally
+//! consistent, writers that keep it busy, and a probe that measures how long single-row
+//! commits wait (the commit stall a backup causes).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mysql::prelude::Queryable;
+
+use crate::Server;
+
+pub const ACCOUNTS: u64 = 2000;
+pub const INITIAL_BALANCE: u64 = 1000;
+pub const WRITERS: u64 = 6;
+
+/// Creates the `bank` database: accounts, a ledger, per-writer counters, and `filler_rows`
+/// rows of 500 random bytes (loaded in many small transactions, as real data arrives).
+pub fn load_bank(server: &Server, filler_rows: u64) {
+    server.exec(&format!(
+        "CREATE DATABASE bank; USE bank;
+         CREATE TABLE accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL) ENGINE=ROCKSDB;
+         CREATE TABLE ledger (id BIGINT AUTO_INCREMENT PRIMARY KEY, src INT, dst INT, writer INT, note VARCHAR(200)) ENGINE=ROCKSDB;
+         CREATE TABLE counters (writer INT PRIMARY KEY, n BIGINT NOT NULL) ENGINE=ROCKSDB;
+         CREATE TABLE filler (id INT PRIMARY KEY, pad VARBINARY(600)) ENGINE=ROCKSDB;
+         INSERT INTO accounts SELECT seq, {INITIAL_BALANCE} FROM seq_1_to_{ACCOUNTS};
+         INSERT INTO counters SELECT seq, 0 FROM seq_1_to_{WRITERS};"
+    ));
+    let batch = 5000;
+    let mut conn = server.conn();
+    conn.query_drop("USE bank").unwrap();
+    for start in (0..filler_rows).step_by(batch as usize) {
+        let n = batch.min(filler_rows - start);
+        conn.query_drop(format!(
+            "INSERT INTO filler SELECT seq + {start}, RANDOM_BYTES(500) FROM seq_1_to_{n}"
+        ))
+        .unwrap();
+    }
+}
+
+/// Runs `sql` (several statements) and returns the first error of any of them: the server
+/// stops a batch at its first error, and only reading every result set shows it.
+fn run_batch(conn: &mut mysql::Conn, sql: &str) -> mysql::Result<()> {
+    let mut result = conn.query_iter(sql)?;
+    while let Some(set) = result.iter() {
+        for row in set {
+            row?;
+        }
+    }
+    Ok(())
+}
+
+/// Writers moving money between accounts; each transfer also logs a ledger row and bumps
+/// its writer's counter, all in one transaction.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    commits: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(server: &Server) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let commits = Arc::new(AtomicU64::new(0));
+        let threads = (1..=WRITERS)
+            .map(|w| {
+                let (stop, commits) = (stop.clone(), commits.clone());
+                let mut conn = mysql::Conn::new(server.opts("root").db_name(Some("bank"))).unwrap();
+                std::thread::spawn(move || {
+                    let mut i: u64 = w * 7919;
+                    while !stop.load(Ordering::Relaxed) {
+                        i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        let (a, b) = (1 + (i >> 33) % ACCOUNTS, 1 + (i >> 13) % ACCOUNTS);
+                        let (lo, hi) = (a.min(b), a.max(b));
+                        if lo == hi {
+                            continue;
+                        }
+                        let sql = format!(
+                            "START TRANSACTION;
+                             UPDATE accounts SET balance = balance - 1 WHERE id = {lo};
+                             UPDATE accounts SET balance = balance + 1 WHERE id = {hi};
+                             INSERT INTO ledger (src, dst, writer, note) VALUES ({lo}, {hi}, {w}, REPEAT('x', 150));
+                             UPDATE counters SET n = n + 1 WHERE writer = {w};
+                             COMMIT"
+                        );
+                        match run_batch(&mut conn, &sql) {
+                            Ok(()) => {
+                                commits.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(_) => conn.query_drop("ROLLBACK").unwrap(),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            commits,
+            threads,
+        }
+    }
+
+    /// Transactions committed so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Stops the writers and returns the number of committed transactions.
+    pub fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        self.commits.load(Ordering::Relaxed)
+    }
+}
+
+/// Panics unless the bank's invariants hold: no money created or lost, every transfer
+/// with its ledger row and counter. A copy that holds part of a transaction breaks them.
+pub fn assert_bank_consistent(server: &Server) {
+    assert_eq!(
+        server.value("SELECT SUM(balance) FROM bank.accounts"),
+        (ACCOUNTS * INITIAL_BALANCE).to_string(),
+        "money appeared or vanished: a transaction was copied in part"
+    );
+    for w in 1..=WRITERS {
+        assert_eq!(
+            server.value(&format!(
+                "SELECT COUNT(*) FROM bank.ledger WHERE writer = {w}"
+            )),
+            server.value(&format!("SELECT n FROM bank.counters WHERE writer = {w}")),
+            "ledger and counters disagree: a transaction was copied in part"
+        );
+    }
+}
+
+/// A steady stream of single-row commits, recording the longest wait of any of them.
+pub struct StallProbe {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Duration>,
+}
+
+impl StallProbe {
+    pub fn start(server: &Server) -> StallProbe {
+        server.exec("CREATE TABLE IF NOT EXISTS bank.probe (id BIGINT AUTO_INCREMENT PRIMARY KEY, at TIMESTAMP(6)) ENGINE=ROCKSDB");
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut conn = mysql::Conn::new(server.opts("root").db_name(Some("bank"))).unwrap();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut longest = Duration::ZERO;
+            while !flag.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                conn.query_drop("INSERT INTO probe (at) VALUES (NOW(6))")
+                    .unwrap();
+                longest = longest.max(start.elapsed());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            longest
+        });
+        StallProbe { stop, thread }
+    }
+
+    /// Stops the probe and returns the longest commit.
+    pub fn stop(self) -> Duration {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}

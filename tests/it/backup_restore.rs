@@ -1,0 +1,252 @@
+//! Hot backups of a live server, restored and started: the copy is transactionally
+//! consistent, equals the source at the recorded coordinates (proved by replicating from
+//! them), and every extractor yields the same files.
+
+use std::time::Duration;
+
+use mysql::prelude::Queryable;
+use sandbox::workload::{assert_bank_consistent, load_bank, Load};
+use sandbox::Server;
+
+use crate::common::db::*;
+use crate::common::*;
+
+#[test]
+fn hot_backup_under_write_load_is_exact_at_its_coordinates() {
+    let source = Server::start();
+    load_bank(&source, 60_000);
+    let tmp = tempfile::tempdir().unwrap();
+    let load = Load::start(&source);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // xbstream, read by mbstream and by us.
+    let stream = tmp.path().join("backup.xb");
+    let log = backup_ok(
+        backup_cmd(&source, &["--stream", "xbstream", "--interval", "2"]),
+        &stream,
+        0,
+    );
+    let (by_mbstream, by_us) = (tmp.path().join("mb"), tmp.path().join("ours"));
+    extract_with("mbstream", &stream, &by_mbstream);
+    extract_with("ours", &stream, &by_us);
+    assert_same_tree(&by_us, &by_mbstream, false);
+
+    // tar, read by GNU tar and by us.
+    let tar_stream = tmp.path().join("backup.tar");
+    backup_ok(backup_cmd(&source, &["--stream", "tar"]), &tar_stream, 0);
+    let (by_tar, by_us_tar) = (tmp.path().join("tar"), tmp.path().join("ours-tar"));
+    extract_with("tar", &tar_stream, &by_tar);
+    extract_with("ours", &tar_stream, &by_us_tar);
+    assert_same_tree(&by_us_tar, &by_tar, true);
+    let commits_during = load.commits();
+
+    let m = manifest(&by_mbstream);
+    let gtid = m["backup"]["binlog"]["gtid_binlog_pos"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stall = m["backup"]["commit_stall_ms"].as_f64().unwrap();
+    assert!(!gtid.is_empty() && stall > 0.0, "{m}");
+    let coords = std::fs::read_to_string(by_mbstream.join("xtrabackup_binlog_info")).unwrap();
+    assert!(coords.ends_with(&format!("\t{gtid}\n")), "{coords}");
+    assert!(log.contains("commits were blocked for"), "{log}");
+
+    // Restore the mbstream copy and start a server on it.
+    let restored_dir = tmp.path().join("restored");
+    let res = move_back(&by_mbstream, &restored_dir);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let copy = Server::start_on(&restored_dir, &["--skip-slave-start"]);
+    assert_eq!(
+        copy.logged_errors(),
+        Vec::<String>::new(),
+        "the restored server logged errors"
+    );
+    assert_bank_consistent(&copy);
+    assert_eq!(copy.value("SELECT COUNT(*) FROM bank.filler"), "60000");
+
+    // The copy is the source at the recorded GTID: replicate from there and compare.
+    copy.exec(&format!(
+        "SET GLOBAL gtid_slave_pos = '{gtid}';
+         CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {}, MASTER_USER = 'root', MASTER_USE_GTID = slave_pos;
+         START SLAVE",
+        source.port
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    let commits = load.stop();
+    assert!(
+        commits > commits_during && commits_during > 0,
+        "the load must run during the backups"
+    );
+    let end = source.value("SELECT @@gtid_binlog_pos");
+    assert_eq!(
+        copy.value(&format!("SELECT MASTER_GTID_WAIT('{end}', 120)")),
+        "0",
+        "replica did not catch up"
+    );
+    assert_eq!(
+        table_checksums(&copy, "bank"),
+        table_checksums(&source, "bank")
+    );
+    assert_eq!(copy.logged_errors(), Vec::<String>::new());
+    assert_bank_consistent(&source);
+
+    // The tar copy, extracted by us, restores to a consistent server as well.
+    let restored_tar = tmp.path().join("restored-tar");
+    let res = move_back(&by_us_tar, &restored_tar);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let copy2 = Server::start_on(&restored_tar, &["--skip-slave-start"]);
+    assert_bank_consistent(&copy2);
+    assert_eq!(copy2.logged_errors(), Vec::<String>::new());
+}
+
+/// Many small SSTs, a slow reader and a short interval: several rounds, no SST sent twice,
+/// DDL during the rounds, an exact restore, and no checkpoint left behind.
+#[test]
+fn rounds_renew_checkpoints_and_never_send_an_sst_twice() {
+    let source = Server::start_with(&[
+        "--rocksdb-default-cf-options=write_buffer_size=1m;target_file_size_base=1m",
+    ]);
+    source.exec(
+        "CREATE DATABASE r; USE r;
+         CREATE TABLE big (id INT PRIMARY KEY, pad VARBINARY(600)) ENGINE=ROCKSDB;
+         CREATE TABLE doomed (id INT PRIMARY KEY) ENGINE=ROCKSDB;
+         INSERT INTO doomed SELECT seq FROM seq_1_to_100;",
+    );
+    // Many small transactions: one big one would become one big memtable and one SST.
+    let load: String = (0..60)
+        .map(|k| {
+            format!(
+                "INSERT INTO r.big SELECT seq + {}, RANDOM_BYTES(500) FROM seq_1_to_1000;",
+                k * 1000
+            )
+        })
+        .collect();
+    source.exec(&format!(
+        "USE r; {load} SET GLOBAL rocksdb_force_flush_memtable_now = 1"
+    ));
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    let ddl = {
+        let conn_opts = source.opts("root").db_name(Some("r"));
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            let mut c = mysql::Conn::new(conn_opts).unwrap();
+            for sql in [
+                "CREATE TABLE born (id INT PRIMARY KEY, v INT) ENGINE=ROCKSDB",
+                "INSERT INTO born SELECT seq, seq FROM seq_1_to_500",
+                "ALTER TABLE born ADD COLUMN w INT DEFAULT 7",
+                "DROP TABLE doomed",
+                "INSERT INTO big SELECT seq + 60000, RANDOM_BYTES(500) FROM seq_1_to_5000",
+            ] {
+                c.query_drop(sql).unwrap();
+            }
+        })
+    };
+    let stream = tmp.path().join("b.xb");
+    let args = [
+        "--stream",
+        "xbstream",
+        "--interval",
+        "1",
+        "--checkpoint-dir",
+        ckpt.to_str().unwrap(),
+    ];
+    let log = backup_ok(backup_cmd(&source, &args), &stream, 8 << 20);
+    ddl.join().unwrap();
+    assert_eq!(
+        leftovers(&ckpt),
+        Vec::<std::path::PathBuf>::new(),
+        "checkpoints left behind"
+    );
+
+    let out = tmp.path().join("x");
+    extract_with("ours", &stream, &out);
+    let m = manifest(&out);
+    let rounds = m["backup"]["rounds"].as_array().unwrap();
+    assert!(
+        rounds.len() >= 3,
+        "expected several rounds: {rounds:?}\n{log}"
+    );
+    let ssts: Vec<&str> = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .filter(|p| p.ends_with(".sst"))
+        .collect();
+    let unique: std::collections::BTreeSet<_> = ssts.iter().collect();
+    assert_eq!(unique.len(), ssts.len(), "an SST was sent twice");
+    assert!(ssts.len() > 20, "expected many SSTs, got {}", ssts.len());
+    eprintln!(
+        "rounds test: {} rounds, {} SST files, each sent once",
+        rounds.len(),
+        ssts.len()
+    );
+
+    let restored = tmp.path().join("restored");
+    let res = move_back(&out, &restored);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let copy = Server::start_on(&restored, &["--skip-slave-start"]);
+    assert_eq!(copy.logged_errors(), Vec::<String>::new());
+    assert_eq!(table_checksums(&copy, "r"), table_checksums(&source, "r"));
+    assert_eq!(
+        copy.value("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = 'r'"),
+        "2"
+    );
+    assert_eq!(copy.value("SELECT SUM(w) FROM r.born"), "3500");
+}
+
+/// The original tool's invocation, unchanged, produces a backup that restores.
+#[test]
+fn the_original_invocation_backs_up_and_moves_back() {
+    let source = Server::start();
+    source.exec("CREATE DATABASE o; USE o; CREATE TABLE t (id INT PRIMARY KEY) ENGINE=ROCKSDB; INSERT INTO t SELECT seq FROM seq_1_to_1234");
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("snap");
+    let stream = tmp.path().join("b.tar");
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["--user=root", "--stream=tar", "--interval=5"])
+        .arg(format!("--socket={}", source.socket.display()))
+        .arg(format!("--checkpoint_dir={}", snap.display()));
+    backup_ok(cmd, &stream, 0);
+    let out = tmp.path().join("x");
+    std::fs::create_dir(&out).unwrap();
+    run_ok(
+        std::process::Command::new(require("tar"))
+            .arg("-xif")
+            .arg(&stream)
+            .arg("-C")
+            .arg(&out),
+    );
+    let d = tmp.path().join("d");
+    let rocks = d.join("#rocksdb");
+    let res = std::process::Command::new(bin())
+        .arg("--move_back")
+        .arg(format!("--datadir={}", d.display()))
+        .arg(format!("--rocksdb_datadir={}", rocks.display()))
+        .arg(format!("--rocksdb_waldir={}", rocks.display()))
+        .arg(format!("--backup_dir={}", out.display()))
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let copy = Server::start_on(&d, &[]);
+    assert_eq!(copy.value("SELECT COUNT(*) FROM o.t"), "1234");
+    assert_eq!(copy.logged_errors(), Vec::<String>::new());
+}

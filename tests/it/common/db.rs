@@ -1,0 +1,176 @@
+//! Helpers for tests that back up and restore real servers.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use mysql::prelude::Queryable;
+use sandbox::Server;
+
+use super::{bin, require, run_ok};
+
+/// `backup` against `server` over its socket, with extra arguments.
+pub fn backup_cmd(server: &Server, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.arg("backup")
+        .arg("--socket")
+        .arg(&server.socket)
+        .args(["--user", "root"])
+        .args(args);
+    cmd
+}
+
+/// Runs a backup into `out`, reading the stream at most `bytes_per_sec` (0: no limit).
+/// Returns the process output (stderr and status).
+pub fn run_backup(mut cmd: Command, out: &Path, bytes_per_sec: u64) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stream = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        stderr.read_to_end(&mut s).unwrap();
+        s
+    });
+    let mut file = File::create(out).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        file.write_all(&buf[..n]).unwrap();
+        if bytes_per_sec > 0 {
+            std::thread::sleep(Duration::from_secs_f64(n as f64 / bytes_per_sec as f64));
+        }
+    }
+    let status = child.wait().unwrap();
+    Output {
+        status,
+        stdout: Vec::new(),
+        stderr: err_reader.join().unwrap(),
+    }
+}
+
+/// Like [`run_backup`], asserting success.
+pub fn backup_ok(cmd: Command, out: &Path, bytes_per_sec: u64) -> String {
+    let res = run_backup(cmd, out, bytes_per_sec);
+    let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
+    assert!(
+        res.status.success(),
+        "backup failed ({}):\n{stderr}",
+        res.status
+    );
+    stderr
+}
+
+/// Extracts a stream with our `extract`, `mbstream -x` or `tar -x`.
+pub fn extract_with(tool: &str, stream: &Path, target: &Path) {
+    fs::create_dir_all(target).unwrap();
+    match tool {
+        "ours" => {
+            run_ok(
+                Command::new(bin())
+                    .arg("extract")
+                    .arg("-C")
+                    .arg(target)
+                    .arg(stream),
+            );
+        }
+        "mbstream" => {
+            run_ok(
+                Command::new(require("mbstream"))
+                    .arg("-x")
+                    .arg("-C")
+                    .arg(target)
+                    .stdin(File::open(stream).unwrap()),
+            );
+        }
+        "tar" => {
+            run_ok(
+                Command::new(require("tar"))
+                    .arg("-xf")
+                    .arg(stream)
+                    .arg("-C")
+                    .arg(target),
+            );
+        }
+        other => panic!("unknown extractor {other}"),
+    }
+}
+
+/// `move-back` of an extracted backup into a new datadir.
+pub fn move_back(backup: &Path, datadir: &Path) -> Output {
+    Command::new(bin())
+        .arg("move-back")
+        .arg("--backup-dir")
+        .arg(backup)
+        .arg("--datadir")
+        .arg(datadir)
+        .output()
+        .unwrap()
+}
+
+/// `CHECKSUM TABLE` and row count of every table of `db`.
+pub fn table_checksums(server: &Server, db: &str) -> BTreeMap<String, (u64, u64)> {
+    let mut conn = server.conn();
+    let tables: Vec<String> = conn
+        .exec("SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE' ORDER BY 1", (db,))
+        .unwrap();
+    tables
+        .into_iter()
+        .map(|t| {
+            let sum: (String, Option<u64>) = conn
+                .query_first(format!("CHECKSUM TABLE `{db}`.`{t}`"))
+                .unwrap()
+                .unwrap();
+            let count: u64 = conn
+                .query_first(format!("SELECT COUNT(*) FROM `{db}`.`{t}`"))
+                .unwrap()
+                .unwrap();
+            (t, (sum.1.unwrap_or(0), count))
+        })
+        .collect()
+}
+
+/// The backup's manifest, parsed.
+pub fn manifest(backup_dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(backup_dir.join("myrocks_hotbackup.json")).unwrap()).unwrap()
+}
+
+/// Directories left in a checkpoint directory (there should be none after a run).
+pub fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .map(|rd| rd.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default()
+}
+
+/// Starts a backup that waits at the debug signal file, and returns once it waits there.
+pub fn backup_paused_before_consistent_point(server: &Server, signal: &Path, out: &Path) -> Child {
+    let mut child = backup_cmd(server, &["--debug-signal-file", signal.to_str().unwrap()])
+        .stdout(File::create(out).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).contains("Waiting until") {
+        assert_eq!(
+            stderr.read(&mut byte).unwrap(),
+            1,
+            "backup ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.push(byte[0]);
+    }
+    // Keep draining stderr so the backup never blocks on it.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    child
+}

@@ -1,0 +1,345 @@
+//! Every way a backup or restore can be refused or interrupted: a clear error, a non-zero
+//! exit, no checkpoint left on the server, the backup stage released, nothing lost.
+
+use std::fs;
+use std::io::Read;
+use std::process::{Command, Stdio};
+
+use sandbox::Server;
+
+use crate::common::db::*;
+use crate::common::*;
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A server with a password-protected backup user, anonymous accounts dropped.
+fn server_with_backup_user() -> Server {
+    let server = Server::start();
+    server.exec(
+        "DROP USER IF EXISTS ''@'localhost'; DROP USER IF EXISTS ''@'%';
+         CREATE USER bk@localhost IDENTIFIED BY 'Sekr1t-pw';
+         GRANT RELOAD, SUPER, BINLOG MONITOR, SELECT ON *.* TO bk@localhost;
+         CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY) ENGINE=ROCKSDB; INSERT INTO app.t VALUES (1), (2)",
+    );
+    server
+}
+
+fn backup_as(
+    server: &Server,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    ckpt: &std::path::Path,
+) -> std::process::Output {
+    let mut cmd = Command::new(bin());
+    cmd.arg("backup")
+        .arg("--socket")
+        .arg(&server.socket)
+        .arg("--checkpoint-dir")
+        .arg(ckpt)
+        .args(args)
+        .env_remove("MYSQL_PWD")
+        .envs(envs.iter().copied())
+        .env("HOME", ckpt.parent().unwrap())
+        .stdout(Stdio::piped());
+    cmd.output().unwrap()
+}
+
+#[test]
+fn credentials_from_flags_mysql_pwd_and_option_files_and_never_printed() {
+    let server = server_with_backup_user();
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+
+    let wrong = backup_as(&server, &["-u", "bk", "-p", "wrong-Sekr1t"], &[], &ckpt);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(
+        stderr(&wrong).contains("access denied for user \"bk\""),
+        "{}",
+        stderr(&wrong)
+    );
+    assert!(!stderr(&wrong).contains("wrong-Sekr1t"));
+    assert!(wrong.stdout.is_empty());
+    assert!(!ckpt.exists(), "nothing may be left behind");
+
+    let env = backup_as(&server, &["-u", "bk"], &[("MYSQL_PWD", "Sekr1t-pw")], &ckpt);
+    assert!(env.status.success(), "{}", stderr(&env));
+    assert!(!stderr(&env).contains("Sekr1t") && !env.stdout.windows(9).any(|w| w == b"Sekr1t-pw"));
+
+    let cnf = tmp.path().join("backup.cnf");
+    fs::write(&cnf, "[client]\nuser=bk\npassword=\"Sekr1t-pw\"\n").unwrap();
+    let file = backup_as(
+        &server,
+        &["--defaults-file", cnf.to_str().unwrap()],
+        &[],
+        &ckpt,
+    );
+    assert!(file.status.success(), "{}", stderr(&file));
+
+    fs::write(
+        tmp.path().join(".my.cnf"),
+        "[client]\nuser=bk\npassword=Sekr1t-pw\n",
+    )
+    .unwrap();
+    let home = backup_as(&server, &[], &[], &ckpt);
+    assert!(home.status.success(), "~/.my.cnf: {}", stderr(&home));
+    assert!(!stderr(&home).contains("Sekr1t"));
+}
+
+#[test]
+fn tcp_stays_tcp() {
+    let server = server_with_backup_user();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["backup", "--host", "127.0.0.1", "--user", "root"])
+        .arg("--port")
+        .arg(server.port.to_string())
+        .arg("--checkpoint-dir")
+        .arg(tmp.path().join("c"))
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Over TCP to a port where nothing listens: a connection error, not a silent socket.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(bin())
+        .args([
+            "backup",
+            "--host",
+            "127.0.0.1",
+            "--user",
+            "root",
+            "--port",
+            &closed.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!(
+            "cannot connect to the server at 127.0.0.1:{closed}"
+        )),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn missing_privileges_are_named() {
+    let server = server_with_backup_user();
+    server.exec(
+        "CREATE USER weak@localhost IDENTIFIED BY 'pw'; GRANT SELECT ON *.* TO weak@localhost",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    let out = backup_as(&server, &["-u", "weak", "-p", "pw"], &[], &ckpt);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("RELOAD") && err.contains("SUPER") && err.contains("BINLOG MONITOR"),
+        "{err}"
+    );
+    assert!(
+        err.contains("GRANT RELOAD, SUPER, BINLOG MONITOR ON *.* TO 'weak'@'localhost'"),
+        "{err}"
+    );
+    assert!(!ckpt.exists());
+}
+
+#[test]
+fn a_server_without_rocksdb_is_refused() {
+    let server = Server::start_with(&["--rocksdb=OFF"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = backup_as(&server, &["-u", "root"], &[], &tmp.path().join("c"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("RocksDB plugin"), "{}", stderr(&out));
+}
+
+#[test]
+fn innodb_user_tables_are_refused_unless_explicitly_skipped() {
+    let server = server_with_backup_user();
+    server.exec(
+        "CREATE TABLE app.inno (id INT PRIMARY KEY) ENGINE=InnoDB; INSERT INTO app.inno VALUES (1)",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    let out = backup_as(&server, &["-u", "root"], &[], &ckpt);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("app.inno") && stderr(&out).contains("--skip-innodb-tables"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!ckpt.exists());
+
+    let stream = tmp.path().join("b.tar");
+    backup_ok(backup_cmd(&server, &["--skip-innodb-tables"]), &stream, 0);
+    let x = tmp.path().join("x");
+    extract_with("ours", &stream, &x);
+    assert_eq!(
+        manifest(&x)["backup"]["skipped_innodb_tables"],
+        serde_json::json!(["app.inno"])
+    );
+    assert!(!x.join("app/inno.frm").exists());
+    let restored = tmp.path().join("r");
+    assert!(move_back(&x, &restored).status.success());
+    let copy = Server::start_on(&restored, &[]);
+    assert_eq!(copy.value("SELECT COUNT(*) FROM app.t"), "2");
+    assert_eq!(copy.logged_errors(), Vec::<String>::new());
+}
+
+#[test]
+fn a_checkpoint_directory_on_another_filesystem_is_refused() {
+    let server = server_with_backup_user();
+    let other = tempfile::tempdir_in("/dev/shm").unwrap();
+    let out = backup_as(&server, &["-u", "root"], &[], &other.path().join("c"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("another filesystem"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!other.path().join("c").exists());
+}
+
+#[test]
+fn sigterm_mid_backup_cleans_up_and_releases_the_server() {
+    let server = server_with_backup_user();
+    let tmp = tempfile::tempdir().unwrap();
+    let signal = tmp.path().join("go");
+    let ckpt_parent = server.datadir.join("#myrocks_hotbackup");
+    let mut child =
+        backup_paused_before_consistent_point(&server, &signal, &tmp.path().join("b.tar"));
+    assert_eq!(
+        leftovers(&ckpt_parent).len(),
+        1,
+        "the run directory exists while the backup runs"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        !ckpt_parent.exists(),
+        "checkpoints left behind: {:?}",
+        leftovers(&ckpt_parent)
+    );
+    // No backup stage is held: another backup goes through.
+    backup_ok(backup_cmd(&server, &[]), &tmp.path().join("again.tar"), 0);
+}
+
+#[test]
+fn a_reader_closing_the_pipe_fails_the_backup_and_cleans_up() {
+    let server = server_with_backup_user();
+    server.exec("USE app; CREATE TABLE big (id INT PRIMARY KEY, pad VARBINARY(600)) ENGINE=ROCKSDB; INSERT INTO big SELECT seq, RANDOM_BYTES(500) FROM seq_1_to_40000");
+    let mut child = backup_cmd(&server, &["--stream", "xbstream"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = vec![0u8; 100_000];
+    out.read_exact(&mut first).unwrap();
+    drop(out);
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("broken pipe"), "{err}");
+    assert!(!server.datadir.join("#myrocks_hotbackup").exists());
+}
+
+#[test]
+fn a_run_killed_outright_is_cleaned_up_by_the_next_one() {
+    let server = server_with_backup_user();
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt_parent = server.datadir.join("#myrocks_hotbackup");
+    let mut child = backup_paused_before_consistent_point(
+        &server,
+        &tmp.path().join("never"),
+        &tmp.path().join("b.tar"),
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stale = leftovers(&ckpt_parent);
+    assert_eq!(stale.len(), 1, "kill -9 leaves the run directory");
+    // Something that is not ours, in the same directory, must survive.
+    fs::create_dir(ckpt_parent.join("not-ours")).unwrap();
+    fs::write(ckpt_parent.join("not-ours/keep"), b"x").unwrap();
+    let log = backup_ok(backup_cmd(&server, &[]), &tmp.path().join("again.tar"), 0);
+    assert!(
+        log.contains("left by an earlier run that was killed"),
+        "{log}"
+    );
+    assert!(!stale[0].exists());
+    assert!(ckpt_parent.join("not-ours/keep").exists());
+}
+
+#[test]
+fn restore_refuses_non_empty_targets_and_incomplete_backups_without_moving_anything() {
+    let server = server_with_backup_user();
+    let tmp = tempfile::tempdir().unwrap();
+    let stream = tmp.path().join("b.xb");
+    backup_ok(backup_cmd(&server, &["--stream", "xbstream"]), &stream, 0);
+    let x = tmp.path().join("x");
+    extract_with("ours", &stream, &x);
+    let before = snapshot(&x);
+
+    let target = tmp.path().join("busy");
+    fs::create_dir(&target).unwrap();
+    fs::write(target.join("precious"), b"keep me").unwrap();
+    let out = move_back(&x, &target);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not empty"), "{}", stderr(&out));
+    assert_unchanged(&before, &x);
+    assert_eq!(fs::read(target.join("precious")).unwrap(), b"keep me");
+
+    // A file missing (as when mbstream skipped it): refused before anything moves.
+    let sst = fs::read_dir(x.join("#rocksdb"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "sst"))
+        .unwrap();
+    let aside = tmp.path().join("aside.sst");
+    fs::rename(&sst, &aside).unwrap();
+    let out = move_back(&x, &tmp.path().join("fresh"));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("missing from the backup"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!tmp.path().join("fresh").exists());
+    fs::rename(&aside, &sst).unwrap();
+
+    // A target that cannot be created, found after the datadir was made: all undone.
+    let blocker = tmp.path().join("a-file");
+    fs::write(&blocker, b"").unwrap();
+    let ok = tmp.path().join("ok");
+    let out = Command::new(bin())
+        .arg("copy-back")
+        .arg("--backup-dir")
+        .arg(&x)
+        .arg("--datadir")
+        .arg(&ok)
+        .arg("--rocksdb-datadir")
+        .arg(blocker.join("rocks"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        !ok.exists(),
+        "the datadir created before the failure must be removed"
+    );
+    assert_unchanged(&before, &x);
+}
