@@ -11,21 +11,8 @@ use std::time::{Duration, Instant};
 use sandbox::workload::{assert_bank_consistent, load_bank, Load};
 use sandbox::Server;
 
-/// The release binary built beside this example.
 fn tool() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("myrocks-hotbackup");
-    assert!(
-        bin.exists(),
-        "{} is missing: run scripts/demo, which builds it",
-        bin.display()
-    );
-    bin
+    sandbox::built_binary("myrocks-hotbackup")
 }
 
 fn step(what: &str) {

@@ -49,6 +49,18 @@ pub fn binary(name: &str) -> PathBuf {
     panic!("{name} is not installed; install the server with: {INSTALL_HINT}");
 }
 
+/// A binary of this workspace built beside the running example (`target/<profile>/NAME`).
+pub fn built_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build --bins)",
+        bin.display()
+    );
+    bin
+}
+
 fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }

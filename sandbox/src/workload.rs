@@ -143,15 +143,18 @@ pub struct StallProbe {
 
 impl StallProbe {
     pub fn start(server: &Server) -> StallProbe {
-        server.exec("CREATE TABLE IF NOT EXISTS bank.probe (id BIGINT AUTO_INCREMENT PRIMARY KEY, at TIMESTAMP(6)) ENGINE=ROCKSDB");
+        server.exec(
+            "CREATE DATABASE IF NOT EXISTS probe;
+             CREATE TABLE IF NOT EXISTS probe.t (id BIGINT AUTO_INCREMENT PRIMARY KEY, at TIMESTAMP(6)) ENGINE=ROCKSDB",
+        );
         let stop = Arc::new(AtomicBool::new(false));
-        let mut conn = mysql::Conn::new(server.opts("root").db_name(Some("bank"))).unwrap();
+        let mut conn = mysql::Conn::new(server.opts("root").db_name(Some("probe"))).unwrap();
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut longest = Duration::ZERO;
             while !flag.load(Ordering::Relaxed) {
                 let start = Instant::now();
-                conn.query_drop("INSERT INTO probe (at) VALUES (NOW(6))")
+                conn.query_drop("INSERT INTO t (at) VALUES (NOW(6))")
                     .unwrap();
                 longest = longest.max(start.elapsed());
                 std::thread::sleep(Duration::from_millis(2));

@@ -5,6 +5,7 @@ mod common;
 
 mod archive_tools;
 mod backup_restore;
+mod bench_smoke;
 mod extract_safety;
 mod failures;
 mod properties;

@@ -1,0 +1,49 @@
+//! A tiny run of the benchmark, so that the script cannot rot. No timing is asserted.
+
+use std::process::Command;
+
+use crate::common::bin;
+
+#[test]
+fn the_benchmark_runs_every_case_on_tiny_data() {
+    let bench = bin().parent().unwrap().join("examples/bench");
+    assert!(
+        bench.exists(),
+        "cargo test builds the examples; {} is missing",
+        bench.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("BENCHMARKS.md");
+    let out = Command::new(&bench)
+        .args(["--scale", "0.002", "--runs", "1", "--output"])
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&report).unwrap();
+    for row in [
+        "| limit: cat |",
+        "| myrocks-hotbackup xbstream |",
+        "| myrocks-hotbackup tar |",
+        "| original xbstream |",
+        "| original tar |",
+        "| mariabackup xbstream |",
+        "| mbstream -x |",
+        "| tar -x |",
+        "| myrocks-hotbackup extract (xbstream) |",
+    ] {
+        assert_eq!(
+            text.matches(row).count(),
+            2,
+            "{row} should appear once per data set:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("## large files") && text.contains("## many files"),
+        "{text}"
+    );
+}
