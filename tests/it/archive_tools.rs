@@ -143,12 +143,7 @@ fn gnu_tar_output_extracts_with_ours() {
             .arg(&src)
             .arg("."),
     );
-    let res = extract_cmd(&stream, &out);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    extract_ok(&stream, &out);
     assert_same_tree(&src, &out, true);
 }
 
@@ -176,12 +171,7 @@ fn gnu_tar_pax_output_extracts_with_ours() {
             .arg(&src)
             .arg("p"),
     );
-    let res = extract_cmd(&stream, &out);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    extract_ok(&stream, &out);
     assert_same_tree(&src, &out, true);
 }
 
@@ -202,12 +192,7 @@ fn mbstream_output_extracts_with_ours() {
             .current_dir(&src)
             .stdout(File::create(&stream).unwrap()),
     );
-    let res = extract_cmd(&stream, &out);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    extract_ok(&stream, &out);
     assert_same_tree(&src, &out, false);
 }
 
@@ -253,12 +238,7 @@ fn original_tools_glued_tar_archives_extract_with_ours() {
         );
     }
     fs::write(&stream, glued).unwrap();
-    let res = extract_cmd(&stream, &out);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    extract_ok(&stream, &out);
     assert_same_tree(&src, &out, true);
 }
 

@@ -214,3 +214,13 @@ pub fn extract_cmd(input: &Path, target: &Path) -> Output {
         .output()
         .unwrap()
 }
+
+/// Runs our `extract` on `input` into `target`, asserting success.
+pub fn extract_ok(input: &Path, target: &Path) {
+    let res = extract_cmd(input, target);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+}
