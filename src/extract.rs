@@ -238,9 +238,11 @@ struct OpenFile {
 }
 
 /// Applies mode and modification time, to an open file or (for directories) a path.
+/// Set-user-ID, set-group-ID and sticky bits are dropped: an archive must not be able to
+/// plant a setuid file when extracted by root.
 fn set_attrs(path: &Path, file: Option<&File>, attrs: Attrs) -> Result<()> {
     let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(attrs.mtime.max(0) as u64);
-    let perms = fs::Permissions::from_mode(attrs.mode);
+    let perms = fs::Permissions::from_mode(attrs.mode & 0o777);
     match file {
         Some(f) => f
             .set_permissions(perms)

@@ -169,12 +169,13 @@ fn verify_checksum(h: &[u8]) -> std::result::Result<(), String> {
 /// Parses a numeric field: octal (leading spaces, NUL or space terminated) or base-256.
 fn number(field: &[u8]) -> Option<u64> {
     if field[0] & 0x80 != 0 {
-        if field[0] != 0x80 || field[1..field.len() - 8].iter().any(|&b| b != 0) {
-            return None; // negative or larger than 64 bits
+        if field[0] != 0x80 {
+            return None; // negative
         }
-        return Some(u64::from_be_bytes(
-            field[field.len() - 8..].try_into().ok()?,
-        ));
+        // Big-endian in the remaining bytes; None when larger than 64 bits.
+        return field[1..]
+            .iter()
+            .try_fold(0u64, |v, &b| v.checked_mul(256)?.checked_add(u64::from(b)));
     }
     let text = field.iter().skip_while(|&&b| b == b' ');
     let mut value: u64 = 0;

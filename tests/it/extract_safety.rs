@@ -229,3 +229,56 @@ fn garbage_and_empty_input_are_refused() {
         assert_eq!(out.status.code(), Some(3), "{name}: {}", stderr(&out));
     }
 }
+
+/// Regression: a base-256 mode field (first byte 0x80) made the tar reader panic, which
+/// skipped the clean-up of a partial extraction.
+#[test]
+fn a_base256_mode_field_is_read_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut stream = tar_of(&[("first", b"data"), ("second", b"more")]);
+    let second = 1024; // header of the second entry
+    stream[second + 100..second + 108].copy_from_slice(&[0x80, 0, 0, 0, 0, 0, 1, 0xa4]);
+    fix_checksum(&mut stream[second..second + 512]);
+    let target = tmp.path().join("t");
+    let out = extract_bytes(&stream, &target);
+    assert!(
+        out.status.success(),
+        "a base-256 mode is valid: {}",
+        stderr(&out)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(target.join("second"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o644
+    );
+}
+
+#[test]
+fn setuid_bits_are_not_restored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut stream = tar_of(&[("suid", b"#!/bin/sh\n")]);
+    stream[100..108].copy_from_slice(b"0004755\0");
+    fix_checksum(&mut stream[..512]);
+    let target = tmp.path().join("t");
+    let out = extract_bytes(&stream, &target);
+    assert!(out.status.success(), "{}", stderr(&out));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(target.join("suid"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o755
+    );
+}
+
+fn fix_checksum(h: &mut [u8]) {
+    h[148..156].fill(b' ');
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}

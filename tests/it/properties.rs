@@ -116,6 +116,33 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Hostile headers with valid checksums: extract may refuse them, but never panics and
+    /// never leaves files behind on failure.
+    #[test]
+    fn hostile_tar_headers_never_panic(
+        fields in prop::collection::vec(any::<u8>(), 512),
+        kind in prop_oneof![Just(b'0'), Just(b'5'), Just(b'L'), Just(b'x'), any::<u8>()],
+    ) {
+        let mut h = fields;
+        h[156] = kind;
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h.extend_from_slice(&[0; 4096]);
+        let tmp = tempfile::tempdir().unwrap();
+        let (input, out) = (tmp.path().join("stream"), tmp.path().join("out"));
+        fs::write(&input, &h).unwrap();
+        let res = extract_cmd(&input, &out);
+        prop_assert!(res.status.code().is_some_and(|c| c != 101), "panic: {}", String::from_utf8_lossy(&res.stderr));
+        if !res.status.success() {
+            prop_assert!(!out.exists(), "a refused stream left files behind");
+        }
+    }
+}
+
 /// Offsets of every header block in a tar stream of ours (octal sizes, no PAX).
 fn tar_header_offsets(stream: &[u8]) -> Vec<usize> {
     let mut offsets = Vec::new();
