@@ -36,20 +36,24 @@ fn main() {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Backup(args) => run_backup(args),
-        Command::MoveBack(args) => restore::run(&args, Mode::Move),
-        Command::CopyBack(args) => restore::run(&args, Mode::Copy),
+        Command::MoveBack(args) => restore::run(&args, Mode::Move, &on_signals()?),
+        Command::CopyBack(args) => restore::run(&args, Mode::Copy, &on_signals()?),
         Command::Extract(args) => run_extract(args),
     }
 }
 
 fn run_backup(args: BackupArgs) -> Result<()> {
     let out = pipe::stdout()?;
-    let cancel = Cancel::on_signals().context(|| "cannot install signal handlers".into())?;
+    let cancel = on_signals()?;
     match args.stream {
         Format::Tar => backup::run(&args, &mut TarWriter::new(&*out), cancel)?,
         Format::Xbstream => backup::run(&args, &mut XbstreamWriter::new(&*out), cancel)?,
     };
     Ok(())
+}
+
+fn on_signals() -> Result<Cancel> {
+    Cancel::on_signals().context(|| "cannot install signal handlers".into())
 }
 
 fn run_extract(args: ExtractArgs) -> Result<()> {

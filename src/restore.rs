@@ -17,11 +17,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::backup::{BINLOG_INFO_NAME, INNODB_SQL_NAME, ROCKSDB_DIR};
+use crate::cancel::Cancel;
 use crate::cli::RestoreArgs;
 use crate::error::{Error, IoContext, Result};
-use crate::info;
 use crate::manifest::{Manifest, BEGIN_NAME, MANIFEST_NAME};
 use crate::source::FileRecord;
+use crate::{info, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -32,7 +33,7 @@ pub enum Mode {
 /// Names at the backup's top level that describe the backup and stay with it.
 const METADATA: &[&str] = &[BEGIN_NAME, MANIFEST_NAME, INNODB_SQL_NAME, BINLOG_INFO_NAME];
 
-pub fn run(args: &RestoreArgs, mode: Mode) -> Result<()> {
+pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
     let backup = &args.backup_dir;
     if !backup.is_dir() {
         return Err(Error::Refused(format!(
@@ -70,6 +71,7 @@ pub fn run(args: &RestoreArgs, mode: Mode) -> Result<()> {
             undo.create_dirs(target)?;
         }
         for (src, dst) in &plan {
+            cancel.check()?;
             undo.transfer(src, dst, mode)?;
         }
         if let (Some(sql), Some(mariadbd)) = (&innodb_sql, &mariadbd) {
@@ -81,9 +83,12 @@ pub fn run(args: &RestoreArgs, mode: Mode) -> Result<()> {
         Ok(())
     })();
     if let Err(e) = result {
-        undo.roll_back();
-        return Err(e);
+        return Err(match undo.roll_back(&[&datadir, &rocksdb_dir, &wal_dir]) {
+            Ok(()) => e,
+            Err(stuck) => Error::Refused(format!("{e}; undoing the restore failed too: {stuck}")),
+        });
     }
+    undo.commit()?;
     if mode == Mode::Move {
         let _ = fs::remove_dir(backup.join(ROCKSDB_DIR)); // emptied by the move
     }
@@ -175,6 +180,10 @@ fn plan(
         if METADATA.contains(&name.as_str()) {
             continue;
         }
+        if path.is_file() && is_server_state(&name) {
+            warn!("Leaving {name} in the backup directory: server state that a restored server must not replay");
+            continue;
+        }
         if name == ROCKSDB_DIR && path.is_dir() {
             for inner in fs::read_dir(&path).with_path("list", &path)? {
                 let inner = inner.with_path("list", &path)?.path();
@@ -188,6 +197,35 @@ fn plan(
         }
     }
     Ok(moves.into_iter().collect())
+}
+
+/// Files of a running server that backups of the original tool carried along: restored,
+/// they would make the new server replay DDL, XA or InnoDB recovery from a state the backup
+/// never captured consistently.
+fn is_server_state(name: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "ddl.log",
+        "ddl_recovery.log",
+        "tc.log",
+        "ibtmp1",
+        "ib_buffer_pool",
+        "auto.cnf",
+        "master.info",
+        "relay-log.info",
+        "multi-master.info",
+    ];
+    let numbered = |n: &str| {
+        n.rsplit_once('.')
+            .is_some_and(|(_, ext)| ext.len() == 6 && ext.bytes().all(|b| b.is_ascii_digit()))
+    };
+    NAMES.contains(&name)
+        || name.starts_with("ibdata")
+        || name.starts_with("ib_logfile")
+        || name.starts_with("undo")
+        || name.ends_with(".index")
+        || name.ends_with(".pid")
+        || name.ends_with(".err")
+        || numbered(name) // binary and relay logs: binlog.000001
 }
 
 /// A RocksDB write-ahead log: digits and `.log` (MariaDB's `ddl.log` is not one).
@@ -248,8 +286,15 @@ fn bootstrap_innodb(
         Some(f) => cmd.arg(format!("--defaults-file={}", f.display())),
         None => cmd.arg("--no-defaults"),
     };
+    // Whatever the option file says, InnoDB's files go into the new datadir and the
+    // bootstrap writes no binary log.
+    let d = datadir.display();
     cmd.arg("--bootstrap")
-        .arg(format!("--datadir={}", datadir.display()))
+        .arg(format!("--datadir={d}"))
+        .arg(format!("--innodb-data-home-dir={d}"))
+        .arg(format!("--innodb-log-group-home-dir={d}"))
+        .arg(format!("--innodb-undo-directory={d}"))
+        .arg("--skip-log-bin")
         .arg(format!("--log-error={}", log.path().display()))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -292,6 +337,9 @@ struct Undo {
     created_dirs: Vec<PathBuf>,
     moved: Vec<(PathBuf, PathBuf)>,
     copied: Vec<PathBuf>,
+    /// Sources of moves that had to copy (another filesystem): removed only once the whole
+    /// restore has succeeded, so a failure never loses the backup.
+    remove_on_success: Vec<PathBuf>,
 }
 
 impl Undo {
@@ -322,21 +370,47 @@ impl Undo {
         self.copied.push(dst.to_path_buf());
         copy_tree(src, dst)?;
         if mode == Mode::Move {
-            remove_tree(src)?;
+            self.remove_on_success.push(src.to_path_buf());
         }
         Ok(())
     }
 
-    fn roll_back(&mut self) {
-        for (src, dst) in self.moved.iter().rev() {
-            let _ = fs::rename(dst, src);
+    /// The restore succeeded: finish the moves that had to copy.
+    fn commit(&mut self) -> Result<()> {
+        self.remove_on_success
+            .iter()
+            .try_for_each(|src| remove_tree(src))
+    }
+
+    /// Puts every moved file back and removes what the restore created. The targets were
+    /// empty before, so once everything is back, whatever is left in them is ours (copies,
+    /// the bootstrap's InnoDB files). If something cannot be moved back, nothing else is
+    /// removed, and the error says where things are.
+    fn roll_back(&mut self, targets: &[&Path]) -> std::result::Result<(), String> {
+        let stuck: Vec<String> = self
+            .moved
+            .iter()
+            .rev()
+            .filter(|(src, dst)| fs::rename(dst, src).is_err())
+            .map(|(src, dst)| format!("{} (belongs at {})", dst.display(), src.display()))
+            .collect();
+        if !stuck.is_empty() {
+            return Err(format!("these stay where they are: {}", stuck.join(", ")));
         }
         for dst in self.copied.iter().rev() {
             let _ = remove_tree(dst);
         }
-        for dir in self.created_dirs.iter().rev() {
-            let _ = fs::remove_dir_all(dir);
+        for target in targets {
+            if let Ok(entries) = fs::read_dir(target) {
+                for entry in entries.flatten() {
+                    let _ = remove_tree(&entry.path());
+                }
+            }
         }
+        for dir in self.created_dirs.iter().rev() {
+            let _ = fs::remove_dir(dir);
+        }
+        Ok(())
     }
 }
 

@@ -343,3 +343,44 @@ fn restore_refuses_non_empty_targets_and_incomplete_backups_without_moving_anyth
     );
     assert_unchanged(&before, &x);
 }
+
+/// Regression: a move-back across filesystems copies and used to delete each source at once,
+/// so a failure later (here the InnoDB bootstrap) lost the backup. Now the backup survives
+/// whole and the target is left as it was.
+#[test]
+fn a_move_back_across_filesystems_that_fails_late_loses_nothing() {
+    let server = server_with_backup_user();
+    let tmp = tempfile::tempdir().unwrap();
+    let stream = tmp.path().join("b.xb");
+    backup_ok(backup_cmd(&server, &["--stream", "xbstream"]), &stream, 0);
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let x = shm.path().join("x");
+    extract_with("ours", &stream, &x);
+    let before = snapshot(&x);
+    let bad_cnf = tmp.path().join("bad.cnf");
+    fs::write(&bad_cnf, "[mysqld]\nno-such-option-anywhere = 1\n").unwrap();
+    let target = tmp.path().join("target");
+    fs::create_dir(&target).unwrap();
+    let out = Command::new(bin())
+        .arg("move-back")
+        .arg("--backup-dir")
+        .arg(&x)
+        .arg("--datadir")
+        .arg(&target)
+        .arg("--defaults-file")
+        .arg(&bad_cnf)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("mariadbd --bootstrap"),
+        "{}",
+        stderr(&out)
+    );
+    assert_unchanged(&before, &x);
+    assert_eq!(
+        leftovers(&target),
+        Vec::<std::path::PathBuf>::new(),
+        "the target must be empty again"
+    );
+}
