@@ -293,6 +293,14 @@ fn a_backup_made_by_the_original_tool_restores() {
         !restored.join("#rocksdb/ddl_recovery.log").exists(),
         "ddl_recovery.log is not a WAL"
     );
+    assert!(
+        !restored.join("ddl_recovery.log").exists(),
+        "server state is not restored"
+    );
+    assert!(
+        x.join("ddl_recovery.log").exists(),
+        "it stays in the backup directory"
+    );
     let copy = Server::start_on(&restored, &[]);
     assert_eq!(copy.value("SELECT SUM(v) FROM o.t"), "4501500");
 }
