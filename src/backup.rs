@@ -66,6 +66,8 @@ pub struct BackupInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RoundStats {
     pub round: u32,
+    /// Bytes of SSTs the round's checkpoint held that were not yet sent.
+    pub unsent_at_start: u64,
     pub sst_files: usize,
     pub bytes: u64,
     pub seconds: f64,
@@ -91,7 +93,8 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
     );
 
     let checkpoint_parent = match &args.checkpoint_dir {
-        Some(dir) => dir.clone(),
+        // The server resolves a relative path from its datadir, we from here: make it absolute.
+        Some(dir) => std::path::absolute(dir).with_path("resolve", dir)?,
         None => info
             .rocksdb_datadir
             .parent()
@@ -129,9 +132,8 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
         }
     }
 
-    server.exec("BACKUP STAGE START")?;
-    let consistent =
-        job.consistent_point(&mut server, &area, &info, &skip, args.skip_innodb_tables);
+    server.backup_stage("START", args.lock_wait_timeout)?;
+    let consistent = job.consistent_point(&mut server, &area, &info, &skip, args);
     if consistent.is_err() {
         let _ = server.exec("BACKUP STAGE END");
     }
@@ -192,16 +194,8 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
 /// Makes sure the server's files are the ones on this host, and applies `--datadir`.
 fn locate_datadir(args: &BackupArgs, info: &mut ServerInfo) -> Result<()> {
     match &args.datadir {
-        Some(local) => {
-            // The server's paths, seen through the local datadir path.
-            let remap = |p: &Path| match p.strip_prefix(&info.datadir) {
-                Ok(rel) => local.join(rel),
-                Err(_) => p.to_path_buf(),
-            };
-            info.rocksdb_datadir = remap(&info.rocksdb_datadir);
-            info.rocksdb_wal_dir = remap(&info.rocksdb_wal_dir);
-            info.datadir = local.clone();
-        }
+        // Only the table files are read from there; checkpoints stay the server's paths.
+        Some(local) => info.datadir = local.clone(),
         None => {
             let here = hostname();
             if !here.is_empty() && here != info.hostname {
@@ -313,11 +307,22 @@ impl Job<'_> {
                 )));
             }
             let ssts = self.unsent_ssts(&dir)?;
+            let unsent: u64 = ssts.iter().map(|(_, size)| size).sum();
             info!(
-                "Round {round}: checkpoint {} holds {} SST files not yet sent",
+                "Round {round}: checkpoint {} holds {} SST files not yet sent ({})",
                 dir.display(),
-                ssts.len()
+                ssts.len(),
+                human(unsent)
             );
+            if rounds
+                .last()
+                .is_some_and(|r: &RoundStats| unsent >= r.unsent_at_start)
+            {
+                // Compaction writes faster than we send: more rounds would not catch up.
+                info!("Round {round}: not catching up with compaction; taking the consistent point now");
+                fs::remove_dir_all(&dir).with_path("remove checkpoint", &dir)?;
+                break;
+            }
             let (mut files, mut bytes) = (0, 0);
             for (name, size) in &ssts {
                 let link = dir.join(name);
@@ -333,6 +338,7 @@ impl Job<'_> {
             fs::remove_dir_all(&dir).with_path("remove checkpoint", &dir)?;
             let stats = RoundStats {
                 round,
+                unsent_at_start: unsent,
                 sst_files: files,
                 bytes,
                 seconds: start.elapsed().as_secs_f64(),
@@ -359,13 +365,15 @@ impl Job<'_> {
         area: &CheckpointArea,
         info: &ServerInfo,
         skip: &[&Path],
-        skip_innodb: bool,
+        args: &BackupArgs,
     ) -> Result<ConsistentPoint> {
-        server.exec("BACKUP STAGE FLUSH")?;
-        server.exec("BACKUP STAGE BLOCK_DDL")?;
+        let timeout = args.lock_wait_timeout;
+        server.backup_stage("FLUSH", timeout)?;
+        // Timers start before the statement: DDL (then commits) are blocked while it waits.
         let ddl_blocked = Instant::now();
+        server.backup_stage("BLOCK_DDL", timeout)?;
         let sel = datadir::select(&info.datadir, skip)?;
-        check_innodb(&sel.innodb_user_tables, skip_innodb)?;
+        check_innodb(&sel.innodb_user_tables, args.skip_innodb_tables)?;
         let mut innodb_sql = String::new();
         for table in &sel.innodb_system_tables {
             innodb_sql.push_str(&format!("{};\n", server.create_table_sql("mysql", table)?));
@@ -382,8 +390,8 @@ impl Job<'_> {
         let checkpoint = area.checkpoint_path("final");
         let aria_dir = area.scratch_dir("aria")?;
 
-        server.exec("BACKUP STAGE BLOCK_COMMIT")?;
         let commits_blocked = Instant::now();
+        server.backup_stage("BLOCK_COMMIT", timeout.min(10))?;
         let blocked = (|| -> Result<_> {
             server.create_checkpoint(&checkpoint)?;
             let binlog = server.binlog_position()?;

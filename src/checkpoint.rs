@@ -73,9 +73,10 @@ impl CheckpointArea {
             run_dir,
             created_parent,
         };
+        let me = std::process::id();
         fs::write(
             area.run_dir.join(OWNER_FILE),
-            format!("{OWNER_TAG} {}\n", std::process::id()),
+            format!("{OWNER_TAG} {me} {}\n", start_time(me).unwrap_or(0)),
         )
         .with_path("write", &area.run_dir.join(OWNER_FILE))?;
         give_to_server(&area.run_dir, &rocks)?;
@@ -132,13 +133,14 @@ fn remove_stale_runs(parent: &Path) -> Result<()> {
         let Ok(owner) = fs::read_to_string(path.join(OWNER_FILE)) else {
             continue;
         };
-        let Some(pid) = owner
-            .strip_prefix(OWNER_TAG)
-            .and_then(|p| p.trim().parse::<u32>().ok())
-        else {
+        let fields: Vec<&str> = owner.split_whitespace().collect();
+        let [OWNER_TAG, pid, started] = fields[..] else {
             continue;
         };
-        if process_is_ours(pid) {
+        let (Ok(pid), Ok(started)) = (pid.parse::<u32>(), started.parse::<u64>()) else {
+            continue;
+        };
+        if still_running(pid, started) {
             return Err(Error::Refused(format!(
                 "another backup (pid {pid}) is running with checkpoints in {}",
                 parent.display()
@@ -153,9 +155,17 @@ fn remove_stale_runs(parent: &Path) -> Result<()> {
     Ok(())
 }
 
-/// True if `pid` is alive and is this tool (not a recycled pid).
-fn process_is_ours(pid: u32) -> bool {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|cmd| String::from_utf8_lossy(&cmd).contains("myrocks-hotbackup"))
-        .unwrap_or(false)
+/// True if the run that wrote an owner file is still alive: the same pid, started at the
+/// same time (a recycled pid, or our own in a container that always starts us with the
+/// same pid, is not that run).
+fn still_running(pid: u32, started: u64) -> bool {
+    pid != std::process::id() && start_time(pid) == Some(started)
+}
+
+/// When a process started, in clock ticks since boot (field 22 of /proc/PID/stat).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its end.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
 }

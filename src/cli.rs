@@ -120,9 +120,14 @@ pub struct BackupArgs {
     #[arg(short = 'i', long, value_name = "SECS", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub interval: u64,
-    /// The server's datadir as seen from here, if not the path the server reports
+    /// Where to read the datadir's table files, if not at the path the server reports
     #[arg(short = 'd', long, value_name = "DIR")]
     pub datadir: Option<PathBuf>,
+    /// Seconds BACKUP STAGE may wait for running statements (a long ALTER, say) before the
+    /// backup gives up; while commits are being blocked, at most 10
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub lock_wait_timeout: u64,
     /// Back up although user tables use InnoDB: leave them out and list them in the manifest
     #[arg(long)]
     pub skip_innodb_tables: bool,
@@ -261,6 +266,7 @@ impl LegacyArgs {
             checkpoint_dir: self.checkpoint_dir,
             interval: self.interval,
             datadir: self.datadir,
+            lock_wait_timeout: 60,
             skip_innodb_tables: false,
             skip_check_frm_timestamp: self.skip_check_frm_timestamp,
             debug_signal_file: self.debug_signal_file,

@@ -8,7 +8,7 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 
 /// Extensions of files that belong to a table or database and can be copied as they are.
 const TABLE_EXTENSIONS: &[&str] = &[
@@ -46,7 +46,12 @@ pub fn select(datadir: &Path, skip: &[&Path]) -> Result<Selection> {
     let mut sel = Selection::default();
     for entry in sorted_entries(datadir)? {
         let name = entry.file_name().unwrap().to_string_lossy().into_owned();
-        let md = fs::metadata(&entry).with_path("stat", &entry)?;
+        let md = match fs::metadata(&entry) {
+            Ok(md) => md,
+            // Gone since the listing (a purged binary log), or a dangling link: not ours.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(format!("cannot stat {}", entry.display()), e)),
+        };
         if md.is_file() && (name == "aria_log_control" || is_aria_log(&name)) {
             sel.aria_logs.push(DatadirFile {
                 source: entry,

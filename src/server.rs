@@ -39,7 +39,6 @@ const PRIVILEGES: &[(&[&str], &str)] = &[
         &["BINLOG MONITOR", "REPLICATION CLIENT", "SUPER"],
         "reading the binary log position",
     ),
-    (&["SELECT"], "reading the InnoDB system table definitions"),
 ];
 
 pub struct Server {
@@ -70,7 +69,23 @@ impl Server {
                 creds.endpoint
             )),
         })?;
-        Ok(Server { conn })
+        let mut server = Server { conn };
+        // Rounds send data for minutes without a query: the connection must not time out.
+        server.exec("SET SESSION wait_timeout = 31536000")?;
+        Ok(server)
+    }
+
+    /// A BACKUP STAGE step, waiting at most `timeout` for running statements.
+    pub fn backup_stage(&mut self, stage: &str, timeout: u64) -> Result<()> {
+        self.exec(&format!("SET SESSION lock_wait_timeout = {timeout}"))?;
+        let sql = format!("BACKUP STAGE {stage}");
+        self.conn.query_drop(&sql).map_err(|e| match &e {
+            mysql::Error::MySqlError(me) if me.code == 1205 => Error::Server(format!(
+                "{sql} waited {timeout} s for running statements (a long DDL, LOCK TABLES, a stuck \
+                 transaction?) and gave up; the server was released. Retry later, or raise --lock-wait-timeout"
+            )),
+            _ => Server::fail(&sql, e),
+        })
     }
 
     fn fail(what: &str, e: mysql::Error) -> Error {
@@ -110,11 +125,16 @@ impl Server {
         let current = self.value("SELECT CURRENT_USER()")?.unwrap_or_default();
         let (user, host) = current.rsplit_once('@').unwrap_or((&current, "%"));
         let grantee = format!("'{user}'@'{host}'");
+        // Privileges of the user and of its current role (shown as 'role').
+        let role = self
+            .value("SELECT CURRENT_ROLE()")?
+            .map(|r| format!("'{r}'"))
+            .unwrap_or_default();
         let granted: Vec<String> = self
             .conn
             .exec(
-                "SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES WHERE GRANTEE = ?",
-                (grantee.as_str(),),
+                "SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES WHERE GRANTEE IN (?, ?)",
+                (grantee.as_str(), role.as_str()),
             )
             .map_err(|e| Server::fail("reading privileges", e))?;
         let missing: Vec<String> = PRIVILEGES

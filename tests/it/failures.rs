@@ -273,6 +273,10 @@ fn a_run_killed_outright_is_cleaned_up_by_the_next_one() {
     child.wait().unwrap();
     let stale = leftovers(&ckpt_parent);
     assert_eq!(stale.len(), 1, "kill -9 leaves the run directory");
+    // A run directory whose pid lives on as another process (pid 1, other start time).
+    let recycled = ckpt_parent.join("myrocks_hotbackup-run-1-1");
+    fs::create_dir(&recycled).unwrap();
+    fs::write(recycled.join("owner"), "myrocks-hotbackup 1 1\n").unwrap();
     // Something that is not ours, in the same directory, must survive.
     fs::create_dir(ckpt_parent.join("not-ours")).unwrap();
     fs::write(ckpt_parent.join("not-ours/keep"), b"x").unwrap();
@@ -282,7 +286,24 @@ fn a_run_killed_outright_is_cleaned_up_by_the_next_one() {
         "{log}"
     );
     assert!(!stale[0].exists());
+    assert!(!recycled.exists(), "a recycled pid is not a running backup");
     assert!(ckpt_parent.join("not-ours/keep").exists());
+
+    // A backup that is really running is left alone, and a second one refuses to start.
+    let mut running = backup_paused_before_consistent_point(
+        &server,
+        &tmp.path().join("never2"),
+        &tmp.path().join("c.tar"),
+    );
+    let second = run_backup(backup_cmd(&server, &[]), &tmp.path().join("d.tar"), 0);
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another backup"),
+        "{}",
+        stderr(&second)
+    );
+    unsafe { libc::kill(running.id() as i32, libc::SIGTERM) };
+    assert_eq!(running.wait().unwrap().code(), Some(130));
 }
 
 #[test]
@@ -383,4 +404,30 @@ fn a_move_back_across_filesystems_that_fails_late_loses_nothing() {
         Vec::<std::path::PathBuf>::new(),
         "the target must be empty again"
     );
+}
+
+/// BACKUP STAGE never waits unbounded (a stall on production): with another backup holding
+/// the stage, ours gives up after --lock-wait-timeout, says why, and cleans up.
+#[test]
+fn a_blocked_backup_stage_gives_up_after_the_lock_wait_timeout() {
+    use mysql::prelude::Queryable;
+    let server = server_with_backup_user();
+    let mut holder = server.conn();
+    holder.query_drop("BACKUP STAGE START").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let res = run_backup(
+        backup_cmd(&server, &["--lock-wait-timeout", "1"]),
+        &tmp.path().join("b.tar"),
+        0,
+    );
+    assert_eq!(res.status.code(), Some(1), "{}", stderr(&res));
+    assert!(
+        stderr(&res).contains("BACKUP STAGE START waited 1 s"),
+        "{}",
+        stderr(&res)
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert!(!server.datadir.join("#myrocks_hotbackup").exists());
+    holder.query_drop("BACKUP STAGE END").unwrap();
 }
