@@ -123,26 +123,35 @@ fn option_file_values(args: &ConnectionArgs) -> Result<HashMap<String, String>> 
             )))
         }
     };
+    // (file, named on the command line): a named file must be readable.
     let mut files = Vec::new();
     match &args.defaults_file {
-        Some(f) => files.push(explicit(f)?),
+        Some(f) => files.push((explicit(f)?, true)),
         None => {
-            files.extend(["/etc/my.cnf", "/etc/mysql/my.cnf"].map(PathBuf::from));
+            files.extend(["/etc/my.cnf", "/etc/mysql/my.cnf"].map(|f| (PathBuf::from(f), false)));
             if let Some(home) = std::env::var_os("HOME") {
-                files.push(Path::new(&home).join(".my.cnf"));
+                files.push((Path::new(&home).join(".my.cnf"), false));
             }
         }
     }
     if let Some(f) = &args.defaults_extra_file {
-        files.push(explicit(f)?);
+        files.push((explicit(f)?, true));
     }
-    for f in files.iter().filter(|f| f.is_file()) {
-        read_option_file(f, &mut values, 0)?;
+    for (f, named) in &files {
+        read_option_file(f, &mut values, 0, *named)?;
     }
     Ok(values)
 }
 
-fn read_option_file(path: &Path, values: &mut HashMap<String, String>, depth: u32) -> Result<()> {
+/// Reads one option file into `values`. Files the client library would skip silently
+/// (missing or unreadable system and included files) are skipped; a file named on the
+/// command line must be readable.
+fn read_option_file(
+    path: &Path,
+    values: &mut HashMap<String, String>,
+    depth: u32,
+    named: bool,
+) -> Result<()> {
     if depth > 10 {
         return Err(Error::Usage(format!(
             "option files include each other too deeply at {}",
@@ -151,8 +160,15 @@ fn read_option_file(path: &Path, values: &mut HashMap<String, String>, depth: u3
     }
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
-        // Unreadable system files are skipped, as the client library does.
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Ok(()),
+        Err(e)
+            if !named
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) =>
+        {
+            return Ok(())
+        }
         Err(e) => {
             return Err(Error::Usage(format!(
                 "cannot read option file {}: {e}",
@@ -170,31 +186,48 @@ fn read_option_file(path: &Path, values: &mut HashMap<String, String>, depth: u3
             entries.retain(|p| p.extension().is_some_and(|e| e == "cnf"));
             entries.sort();
             for p in entries {
-                read_option_file(&p, values, depth + 1)?;
+                read_option_file(&p, values, depth + 1, false)?;
             }
         } else if let Some(target) = line.strip_prefix("!include") {
-            read_option_file(Path::new(target.trim()), values, depth + 1)?;
+            read_option_file(Path::new(target.trim()), values, depth + 1, false)?;
         } else if let Some(group) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             in_group = GROUPS.contains(&group.trim().replace('_', "-").as_str());
         } else if in_group && !line.is_empty() && !line.starts_with('#') && !line.starts_with(';') {
             let (key, value) = line.split_once('=').unwrap_or((line, ""));
-            values.insert(key.trim().replace('-', "_"), unquote(value.trim()));
+            values.insert(key.trim().replace('-', "_"), parse_value(value));
         }
     }
     Ok(())
 }
 
-/// Option file values may be quoted; quotes allow `#` and spaces inside.
-fn unquote(value: &str) -> String {
+/// An option value: quoted (quotes allow `#` and spaces; backslash escapes; anything after
+/// the closing quote is ignored) or bare (a `#` after white space starts a comment).
+fn parse_value(raw: &str) -> String {
+    let raw = raw.trim();
     for q in ['"', '\''] {
-        if let Some(inner) = value.strip_prefix(q).and_then(|v| v.strip_suffix(q)) {
-            return inner
-                .replace("\\\\", "\\")
-                .replace(&format!("\\{q}"), &q.to_string());
+        if let Some(rest) = raw.strip_prefix(q) {
+            let mut out = String::new();
+            let mut chars = rest.chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => match chars.next() {
+                        Some('n') => out.push('\n'),
+                        Some('t') => out.push('\t'),
+                        Some(other) => out.push(other),
+                        None => out.push('\\'),
+                    },
+                    c if c == q => break,
+                    c => out.push(c),
+                }
+            }
+            return out;
         }
     }
-    // An unquoted value ends at a comment.
-    value.split(" #").next().unwrap_or(value).trim().to_string()
+    let comment = raw
+        .char_indices()
+        .find(|&(i, c)| c == '#' && (i == 0 || raw[..i].ends_with(char::is_whitespace)))
+        .map_or(raw.len(), |(i, _)| i);
+    raw[..comment].trim_end().to_string()
 }
 
 #[cfg(test)]
@@ -280,11 +313,37 @@ mod tests {
         )
         .unwrap();
         let mut values = HashMap::new();
-        read_option_file(&main, &mut values, 0).unwrap();
+        read_option_file(&main, &mut values, 0, true).unwrap();
         assert_eq!(values["user"], "bk");
         assert_eq!(values["password"], "p#w d");
         assert_eq!(values["port"], "3308");
         assert_eq!(values["socket"], "/from/include");
+    }
+
+    #[test]
+    fn values_quotes_escapes_and_comments() {
+        assert_eq!(parse_value(" \"s3cret\" # the backup user"), "s3cret");
+        assert_eq!(parse_value("'it\\'s'"), "it's");
+        assert_eq!(
+            parse_value("pw#not-a-comment\t# a comment"),
+            "pw#not-a-comment"
+        );
+        assert_eq!(parse_value("\"a#b c\""), "a#b c");
+        assert_eq!(parse_value("plain"), "plain");
+        assert_eq!(parse_value(""), "");
+    }
+
+    #[test]
+    fn missing_includes_are_skipped_but_a_named_file_must_be_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("my.cnf");
+        fs::write(&main, "!include /nonexistent/x.cnf\n[client]\nuser=u\n").unwrap();
+        let mut values = HashMap::new();
+        read_option_file(&main, &mut values, 0, true).unwrap();
+        assert_eq!(values["user"], "u");
+        let missing = dir.path().join("gone.cnf");
+        assert!(read_option_file(&missing, &mut values, 0, true).is_err());
+        assert!(read_option_file(&missing, &mut values, 0, false).is_ok());
     }
 
     #[test]
