@@ -61,6 +61,9 @@ pub struct BackupInfo {
     pub innodb_system_tables: Vec<String>,
     /// User InnoDB tables left out (with --skip-innodb-tables).
     pub skipped_innodb_tables: Vec<String>,
+    /// SSTs sent in earlier rounds that compaction removed before the final checkpoint:
+    /// in the backup, but not part of the database (a restore leaves them behind).
+    pub obsolete_sst: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,7 +151,7 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
         ))
     );
 
-    job.send_final(&point)?;
+    let obsolete_sst = job.send_final(&point)?;
     let mut extra: Vec<(&str, Vec<u8>)> = Vec::new();
     match &point.binlog {
         Some(b) => extra.push((
@@ -175,6 +178,7 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
         rounds,
         innodb_system_tables: point.innodb_system_tables,
         skipped_innodb_tables: point.skipped_innodb_tables,
+        obsolete_sst,
     };
     let manifest = Manifest {
         tool: manifest::tool_version(),
@@ -316,9 +320,11 @@ impl Job<'_> {
             );
             if rounds
                 .last()
-                .is_some_and(|r: &RoundStats| unsent >= r.unsent_at_start)
+                .is_some_and(|r: &RoundStats| unsent + r.bytes / 2 > r.unsent_at_start)
             {
-                // Compaction writes faster than we send: more rounds would not catch up.
+                // The backlog fell by less than half of what the last round sent: new
+                // writes and compaction keep pace with the copy, more rounds would not
+                // catch up. The final checkpoint takes the rest.
                 info!("Round {round}: not catching up with compaction; taking the consistent point now");
                 fs::remove_dir_all(&dir).with_path("remove checkpoint", &dir)?;
                 break;
@@ -423,8 +429,9 @@ impl Job<'_> {
     }
 
     /// Sends the final checkpoint (new SSTs, then WAL, OPTIONS, MANIFEST, CURRENT) and the
-    /// Aria log copies.
-    fn send_final(&mut self, point: &ConsistentPoint) -> Result<()> {
+    /// Aria log copies. Returns the SSTs sent earlier that the final checkpoint no longer
+    /// holds: it links every live SST, so those are obsolete.
+    fn send_final(&mut self, point: &ConsistentPoint) -> Result<Vec<String>> {
         let dir = &point.checkpoint;
         let ssts = self.unsent_ssts(dir)?;
         info!("Final checkpoint: {} new SST files", ssts.len());
@@ -437,6 +444,13 @@ impl Job<'_> {
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect::<std::io::Result<_>>()
             .with_path("list", dir)?;
+        let mut obsolete: Vec<String> = self
+            .sent_sst
+            .keys()
+            .filter(|n| !rest.contains(n))
+            .cloned()
+            .collect();
+        obsolete.sort();
         rest.retain(|n| !n.ends_with(".sst"));
         // CURRENT last: it names the MANIFEST, which must be complete before it.
         rest.sort_by_key(|n| (rocksdb_file_order(n), n.clone()));
@@ -446,7 +460,8 @@ impl Job<'_> {
         for f in &point.aria_copies {
             self.send(&f.source, &f.name)?;
         }
-        fs::remove_dir_all(dir).with_path("remove checkpoint", dir)
+        fs::remove_dir_all(dir).with_path("remove checkpoint", dir)?;
+        Ok(obsolete)
     }
 }
 

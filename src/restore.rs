@@ -9,7 +9,7 @@
 //! was moved is moved back and what was created is removed. Last, the InnoDB tables of the
 //! `mysql` schema are re-created with `mariadbd --bootstrap`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::{ErrorKind, Write};
 use std::os::unix::io::AsRawFd;
@@ -50,8 +50,8 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
         .rocksdb_waldir
         .clone()
         .unwrap_or_else(|| rocksdb_dir.clone());
-    check_complete(backup)?;
-    let plan = plan(backup, &datadir, &rocksdb_dir, &wal_dir)?;
+    let obsolete = check_complete(backup)?;
+    let plan = plan(backup, &datadir, &rocksdb_dir, &wal_dir, &obsolete)?;
     for target in [&datadir, &rocksdb_dir, &wal_dir] {
         check_empty(target)?;
     }
@@ -92,6 +92,13 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
     if mode == Mode::Move {
         let _ = fs::remove_dir(backup.join(ROCKSDB_DIR)); // emptied by the move
     }
+    if !obsolete.is_empty() {
+        info!(
+            "Left {} SST files that compaction made obsolete during the backup in {}",
+            obsolete.len(),
+            backup.display()
+        );
+    }
     let verb = if mode == Mode::Move {
         "Moved"
     } else {
@@ -116,7 +123,8 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
 }
 
 /// Refuses a backup whose files do not match its manifest (mbstream skips files silently).
-fn check_complete(backup: &Path) -> Result<()> {
+/// Returns the obsolete SSTs the manifest lists (sent in early rounds, compacted away since).
+fn check_complete(backup: &Path) -> Result<HashSet<String>> {
     let manifest = match fs::read(backup.join(MANIFEST_NAME)) {
         Ok(json) => json,
         Err(_) if backup.join(BEGIN_NAME).exists() => {
@@ -129,7 +137,7 @@ fn check_complete(backup: &Path) -> Result<()> {
             if backup.join(ROCKSDB_DIR).join("CURRENT").is_file()
                 || backup.join("CURRENT").is_file() =>
         {
-            return Ok(()); // a backup of the original tool: nothing to check against
+            return Ok(HashSet::new()); // a backup of the original tool: nothing to check against
         }
         Err(_) => {
             return Err(Error::Refused(format!(
@@ -156,7 +164,14 @@ fn check_complete(backup: &Path) -> Result<()> {
             ))),
         }
     };
-    manifest.files.iter().try_for_each(check)
+    manifest.files.iter().try_for_each(check)?;
+    let obsolete = manifest.backup["obsolete_sst"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    Ok(obsolete
+        .filter_map(|n| n.as_str().map(str::to_string))
+        .collect())
 }
 
 /// Where every entry of the backup goes.
@@ -165,6 +180,7 @@ fn plan(
     datadir: &Path,
     rocksdb_dir: &Path,
     wal_dir: &Path,
+    obsolete: &HashSet<String>,
 ) -> Result<Vec<(PathBuf, PathBuf)>> {
     let mut moves = BTreeMap::new();
     let rocksdb_target = |name: &str| {
@@ -188,7 +204,9 @@ fn plan(
             for inner in fs::read_dir(&path).with_path("list", &path)? {
                 let inner = inner.with_path("list", &path)?.path();
                 let inner_name = inner.file_name().unwrap().to_string_lossy().into_owned();
-                moves.insert(inner.clone(), rocksdb_target(&inner_name));
+                if !obsolete.contains(&inner_name) {
+                    moves.insert(inner.clone(), rocksdb_target(&inner_name));
+                }
             }
         } else if path.is_file() && is_rocksdb_file(&name) {
             moves.insert(path.clone(), rocksdb_target(&name));

@@ -304,3 +304,80 @@ fn a_backup_made_by_the_original_tool_restores() {
     let copy = Server::start_on(&restored, &[]);
     assert_eq!(copy.value("SELECT SUM(v) FROM o.t"), "4501500");
 }
+
+/// A full compaction during the rounds makes everything sent so far obsolete: the rounds
+/// stop (they could not catch up), the manifest lists the obsolete SSTs, and a restore
+/// leaves them behind while the copy is still exact.
+#[test]
+fn compaction_during_the_rounds_is_handled_and_obsolete_ssts_are_not_restored() {
+    let source = Server::start_with(&[
+        "--rocksdb-default-cf-options=write_buffer_size=1m;target_file_size_base=1m",
+    ]);
+    source.exec("CREATE DATABASE c; CREATE TABLE c.t (id INT PRIMARY KEY, pad VARBINARY(600)) ENGINE=ROCKSDB");
+    let load: String = (0..30)
+        .map(|k| {
+            format!(
+                "INSERT INTO t SELECT seq + {}, RANDOM_BYTES(500) FROM seq_1_to_1000;",
+                k * 1000
+            )
+        })
+        .collect();
+    source.exec(&format!(
+        "USE c; {load} SET GLOBAL rocksdb_force_flush_memtable_now = 1"
+    ));
+    let compactor = {
+        let opts = source.opts("root");
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            mysql::Conn::new(opts)
+                .unwrap()
+                .query_drop("SET GLOBAL rocksdb_compact_cf = 'default'")
+                .unwrap();
+        })
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let stream = tmp.path().join("b.xb");
+    let log = backup_ok(
+        backup_cmd(&source, &["--stream", "xbstream", "--interval", "1"]),
+        &stream,
+        4 << 20,
+    );
+    compactor.join().unwrap();
+    assert!(log.contains("not catching up with compaction"), "{log}");
+    let x = tmp.path().join("x");
+    extract_with("ours", &stream, &x);
+    let obsolete: Vec<String> = manifest(&x)["backup"]["obsolete_sst"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        !obsolete.is_empty(),
+        "the compaction made the first round's SSTs obsolete"
+    );
+    let restored = tmp.path().join("restored");
+    let res = move_back(&x, &restored);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    for name in &obsolete {
+        assert!(
+            !restored.join("#rocksdb").join(name).exists(),
+            "{name} restored"
+        );
+        assert!(
+            x.join("#rocksdb").join(name).exists(),
+            "{name} left in the backup"
+        );
+    }
+    let copy = Server::start_on(&restored, &[]);
+    assert_eq!(copy.logged_errors(), Vec::<String>::new());
+    assert_eq!(table_checksums(&copy, "c"), table_checksums(&source, "c"));
+    eprintln!(
+        "compaction test: {} obsolete SSTs left behind",
+        obsolete.len()
+    );
+}
