@@ -303,6 +303,7 @@ fn a_backup_made_by_the_original_tool_restores() {
     );
     let copy = Server::start_on(&restored, &[]);
     assert_eq!(copy.value("SELECT SUM(v) FROM o.t"), "4501500");
+    assert_eq!(copy.logged_errors(), Vec::<String>::new());
 }
 
 /// A full compaction during the rounds makes everything sent so far obsolete: the rounds
