@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use crate::archive::{self, safe_components, Attrs, Format, Unpack};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{self, MANIFEST_NAME};
-use crate::source::read_full;
+use crate::source::{combine_crc, read_full};
 
 /// What an extraction produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,7 +182,7 @@ impl Extractor {
 }
 
 impl Unpack for Extractor {
-    fn write(&mut self, path: &str, offset: u64, data: &[u8]) -> Result<()> {
+    fn write(&mut self, path: &str, offset: u64, data: &[u8], crc32: u32) -> Result<()> {
         if !self.open.contains_key(path) {
             assert_eq!(offset, 0, "readers check that files start at offset 0");
             let file = self.create_file(path)?;
@@ -196,7 +196,7 @@ impl Unpack for Extractor {
         open.file
             .write_all(data)
             .context(|| format!("cannot write {} in {}", path, self.root.display()))?;
-        open.crc.update(data);
+        combine_crc(&mut open.crc, crc32, data.len());
         open.written += data.len() as u64;
         self.bytes += data.len() as u64;
         Ok(())

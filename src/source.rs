@@ -95,7 +95,7 @@ impl FileReader {
             let chunk = &self.buf[..got];
             let chunk_crc = crc32fast::hash(chunk);
             dest.write_chunk(chunk, chunk_crc)?;
-            combine(&mut crc, chunk_crc, got);
+            combine_crc(&mut crc, chunk_crc, got);
             remaining -= got as u64;
             self.bytes_sent += got as u64;
         }
@@ -120,7 +120,7 @@ impl FileReader {
         for chunk in bytes.chunks(CHUNK_SIZE) {
             let chunk_crc = crc32fast::hash(chunk);
             dest.write_chunk(chunk, chunk_crc)?;
-            combine(&mut crc, chunk_crc, chunk.len());
+            combine_crc(&mut crc, chunk_crc, chunk.len());
         }
         dest.end_file()?;
         self.bytes_sent += bytes.len() as u64;
@@ -133,7 +133,7 @@ impl FileReader {
 }
 
 /// Appends a chunk, known only by its CRC and length, to a running CRC.
-fn combine(crc: &mut crc32fast::Hasher, chunk_crc: u32, len: usize) {
+pub fn combine_crc(crc: &mut crc32fast::Hasher, chunk_crc: u32, len: usize) {
     crc.combine(&crc32fast::Hasher::new_with_initial_len(
         chunk_crc, len as u64,
     ));

@@ -45,7 +45,8 @@ pub struct Attrs {
 /// Receives what an archive reader decodes. Offsets within one file arrive in order.
 pub trait Unpack {
     /// `data` belongs to `path` at byte `offset`; a file's first call has offset 0.
-    fn write(&mut self, path: &str, offset: u64, data: &[u8]) -> Result<()>;
+    /// `crc32` is the CRC-32 of `data`, computed once by the reader.
+    fn write(&mut self, path: &str, offset: u64, data: &[u8], crc32: u32) -> Result<()>;
     /// `path` is complete (a file that never had data is empty).
     fn end_file(&mut self, path: &str, attrs: Option<Attrs>) -> Result<()>;
     /// A directory entry (tar only).

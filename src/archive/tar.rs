@@ -285,7 +285,8 @@ pub fn read(input: &mut (impl Read + ?Sized), out: &mut dyn Unpack) -> Result<u6
                             r.offset
                         )));
                     }
-                    out.write(&name, done, &buf[..got])?;
+                    let piece = &buf[..got];
+                    out.write(&name, done, piece, crc32fast::hash(piece))?;
                     done += got as u64;
                 }
                 r.skip_padding(size, &name)?;

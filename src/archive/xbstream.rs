@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use super::Unpack;
 use crate::destination::{Destination, FileMeta};
 use crate::error::{Error, IoContext, Result};
-use crate::source::{read_full, CHUNK_SIZE};
+use crate::source::{combine_crc, read_full, CHUNK_SIZE};
 
 pub const MAGIC: &[u8; 8] = b"XBSTCK01";
 /// `mbstream` rejects paths of 512 bytes or more.
@@ -223,8 +223,10 @@ pub fn read(input: &mut (impl Read + ?Sized), out: &mut dyn Unpack) -> Result<u6
                     offset + done
                 )));
             }
-            crc.update(&buf[..want]);
-            out.write(&path, offset + done, &buf[..want])?;
+            let piece = &buf[..want];
+            let piece_crc = crc32fast::hash(piece);
+            combine_crc(&mut crc, piece_crc, want);
+            out.write(&path, offset + done, piece, piece_crc)?;
             done += want as u64;
         }
         let crc = crc.finalize();

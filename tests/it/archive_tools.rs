@@ -250,7 +250,8 @@ struct Tally {
 }
 
 impl Unpack for Tally {
-    fn write(&mut self, _: &str, _: u64, data: &[u8]) -> Result<()> {
+    fn write(&mut self, _: &str, _: u64, data: &[u8], crc32: u32) -> Result<()> {
+        assert_eq!(crc32, crc32fast::hash(data), "the reader's CRC of a piece");
         self.bytes += data.len() as u64;
         self.crc.update(data);
         Ok(())
