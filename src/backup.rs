@@ -13,7 +13,7 @@
 //! 3. **The rest**: the final checkpoint's new SSTs, its WAL, OPTIONS, MANIFEST and CURRENT,
 //!    then `xtrabackup_binlog_info`, the InnoDB system table definitions and the manifest.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -298,7 +298,8 @@ impl Job<'_> {
         area: &CheckpointArea,
         interval: Duration,
     ) -> Result<Vec<RoundStats>> {
-        let mut rounds = Vec::new();
+        let mut rounds: Vec<RoundStats> = Vec::new();
+        let mut behind_in_a_row = 0;
         for round in 1.. {
             self.cancel.check()?;
             let dir = area.checkpoint_path(&format!("round-{round}"));
@@ -318,13 +319,14 @@ impl Job<'_> {
                 ssts.len(),
                 human(unsent)
             );
-            if rounds
-                .last()
-                .is_some_and(|r: &RoundStats| unsent + r.bytes / 2 > r.unsent_at_start)
-            {
-                // The backlog fell by less than half of what the last round sent: new
-                // writes and compaction keep pace with the copy, more rounds would not
-                // catch up. The final checkpoint takes the rest.
+            // A round fell behind when the backlog fell by less than half of what the round
+            // before sent. Two in a row: new writes and compaction keep pace with the copy,
+            // more rounds would not catch up, and the final checkpoint takes the rest.
+            if let Some(prev) = rounds.last() {
+                let fell_behind = unsent + prev.bytes / 2 > prev.unsent_at_start;
+                behind_in_a_row = if fell_behind { behind_in_a_row + 1 } else { 0 };
+            }
+            if behind_in_a_row == 2 {
                 info!("Round {round}: not catching up with compaction; taking the consistent point now");
                 fs::remove_dir_all(&dir).with_path("remove checkpoint", &dir)?;
                 break;
@@ -444,10 +446,11 @@ impl Job<'_> {
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect::<std::io::Result<_>>()
             .with_path("list", dir)?;
+        let live: HashSet<&String> = rest.iter().collect();
         let mut obsolete: Vec<String> = self
             .sent_sst
             .keys()
-            .filter(|n| !rest.contains(n))
+            .filter(|n| !live.contains(n))
             .cloned()
             .collect();
         obsolete.sort();

@@ -200,34 +200,56 @@ fn read_option_file(
     Ok(())
 }
 
-/// An option value: quoted (quotes allow `#` and spaces; backslash escapes; anything after
-/// the closing quote is ignored) or bare (a `#` after white space starts a comment).
+/// An option value, read as the client library reads it: a `#` outside quotes starts a
+/// comment; one pair of surrounding quotes is removed; `\n \t \r \b \s \" \' \\` are
+/// escapes, and any other backslash is kept as it is.
 fn parse_value(raw: &str) -> String {
-    let raw = raw.trim();
-    for q in ['"', '\''] {
-        if let Some(rest) = raw.strip_prefix(q) {
-            let mut out = String::new();
-            let mut chars = rest.chars();
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => match chars.next() {
-                        Some('n') => out.push('\n'),
-                        Some('t') => out.push('\t'),
-                        Some(other) => out.push(other),
-                        None => out.push('\\'),
-                    },
-                    c if c == q => break,
-                    c => out.push(c),
-                }
+    let mut quote = None;
+    let mut escaped = false;
+    let mut end = raw.len();
+    for (i, c) in raw.char_indices() {
+        match c {
+            '"' | '\'' if !escaped => match quote {
+                None => quote = Some(c),
+                Some(q) if q == c => quote = None,
+                Some(_) => {}
+            },
+            '#' if quote.is_none() => {
+                end = i;
+                break;
             }
-            return out;
+            _ => {}
+        }
+        escaped = quote.is_some() && c == '\\' && !escaped;
+    }
+    let mut value = raw[..end].trim();
+    for q in ['"', '\''] {
+        if value.len() >= 2 && value.starts_with(q) && value.ends_with(q) {
+            value = &value[1..value.len() - 1];
         }
     }
-    let comment = raw
-        .char_indices()
-        .find(|&(i, c)| c == '#' && (i == 0 || raw[..i].ends_with(char::is_whitespace)))
-        .map_or(raw.len(), |(i, _)| i);
-    raw[..comment].trim_end().to_string()
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\\' || chars.peek().is_none() {
+            out.push(c);
+            continue;
+        }
+        let next = chars.next().unwrap();
+        match next {
+            'n' => out.push('\n'),
+            't' => out.push('\t'),
+            'r' => out.push('\r'),
+            'b' => out.push('\u{8}'),
+            's' => out.push(' '),
+            '"' | '\'' | '\\' => out.push(next),
+            other => {
+                out.push('\\');
+                out.push(other);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -325,10 +347,18 @@ mod tests {
         assert_eq!(parse_value(" \"s3cret\" # the backup user"), "s3cret");
         assert_eq!(parse_value("'it\\'s'"), "it's");
         assert_eq!(
-            parse_value("pw#not-a-comment\t# a comment"),
-            "pw#not-a-comment"
+            parse_value("pw#old"),
+            "pw",
+            "a # outside quotes starts a comment"
         );
+        assert_eq!(parse_value("pw\t# a comment"), "pw");
         assert_eq!(parse_value("\"a#b c\""), "a#b c");
+        assert_eq!(
+            parse_value(r"C:\data\x"),
+            r"C:\data\x",
+            "unknown escapes keep the backslash"
+        );
+        assert_eq!(parse_value("a\\sb"), "a b");
         assert_eq!(parse_value("plain"), "plain");
         assert_eq!(parse_value(""), "");
     }

@@ -72,10 +72,20 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
         }
         for (src, dst) in &plan {
             cancel.check()?;
-            undo.transfer(src, dst, mode)?;
+            // The bootstrap writes into mysql/ and the Aria log: the backup's own copies
+            // must stay untouched until the restore has succeeded.
+            let name = src.file_name().unwrap_or_default().to_string_lossy();
+            let bootstrap_touches = innodb_sql.is_some()
+                && dst.parent() == Some(datadir.as_path())
+                && (name == "mysql" || name.starts_with("aria_log"));
+            undo.transfer(src, dst, mode, bootstrap_touches, cancel)?;
         }
         if let (Some(sql), Some(mariadbd)) = (&innodb_sql, &mariadbd) {
-            bootstrap_innodb(mariadbd, args.defaults_file.as_deref(), &datadir, sql)?;
+            let before = listing(&datadir);
+            let booted = bootstrap_innodb(mariadbd, args.defaults_file.as_deref(), &datadir, sql);
+            undo.created
+                .extend(listing(&datadir).difference(&before).cloned());
+            booted?;
         }
         for target in [&datadir, &rocksdb_dir, &wal_dir] {
             sync(target)?;
@@ -83,12 +93,14 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
         Ok(())
     })();
     if let Err(e) = result {
-        return Err(match undo.roll_back(&[&datadir, &rocksdb_dir, &wal_dir]) {
+        return Err(match undo.roll_back() {
             Ok(()) => e,
             Err(stuck) => Error::Refused(format!("{e}; undoing the restore failed too: {stuck}")),
         });
     }
-    undo.commit()?;
+    if let Err(e) = undo.commit() {
+        warn!("The restore is complete, but the backup directory could not be emptied: {e}");
+    }
     if mode == Mode::Move {
         let _ = fs::remove_dir(backup.join(ROCKSDB_DIR)); // emptied by the move
     }
@@ -304,8 +316,8 @@ fn bootstrap_innodb(
         Some(f) => cmd.arg(format!("--defaults-file={}", f.display())),
         None => cmd.arg("--no-defaults"),
     };
-    // Whatever the option file says, InnoDB's files go into the new datadir and the
-    // bootstrap writes no binary log.
+    // Whatever the option file says, InnoDB's and Aria's files go into the new datadir,
+    // RocksDB stays off, and the bootstrap writes no binary log and opens no port.
     let d = datadir.display();
     cmd.arg("--bootstrap")
         .arg(format!("--datadir={d}"))
@@ -313,6 +325,9 @@ fn bootstrap_innodb(
         .arg(format!("--innodb-log-group-home-dir={d}"))
         .arg(format!("--innodb-undo-directory={d}"))
         .arg("--skip-log-bin")
+        .arg(format!("--aria-log-dir-path={d}"))
+        .arg("--loose-rocksdb=OFF")
+        .arg("--skip-networking")
         .arg(format!("--log-error={}", log.path().display()))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -349,14 +364,16 @@ fn sync(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// What a restore did so far, to undo it after a failure.
+/// What a restore did so far, to undo it after a failure. Only what is recorded here is
+/// ever removed: never a file this restore did not put there.
 #[derive(Default)]
 struct Undo {
     created_dirs: Vec<PathBuf>,
     moved: Vec<(PathBuf, PathBuf)>,
-    copied: Vec<PathBuf>,
-    /// Sources of moves that had to copy (another filesystem): removed only once the whole
-    /// restore has succeeded, so a failure never loses the backup.
+    /// Files and trees this restore created: copies, and what the bootstrap wrote.
+    created: Vec<PathBuf>,
+    /// Sources copied instead of moved (another filesystem, or about to be changed by the
+    /// bootstrap): removed only once the whole restore has succeeded.
     remove_on_success: Vec<PathBuf>,
 }
 
@@ -369,24 +386,33 @@ impl Undo {
         Ok(())
     }
 
-    fn transfer(&mut self, src: &Path, dst: &Path, mode: Mode) -> Result<()> {
-        if mode == Mode::Move {
-            match fs::rename(src, dst) {
+    fn transfer(
+        &mut self,
+        src: &Path,
+        dst: &Path,
+        mode: Mode,
+        copy_first: bool,
+        cancel: &Cancel,
+    ) -> Result<()> {
+        if mode == Mode::Move && !copy_first {
+            match rename_noreplace(src, dst) {
                 Ok(()) => {
                     self.moved.push((src.to_path_buf(), dst.to_path_buf()));
                     return Ok(());
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {} // another filesystem: copy
-                Err(e) => {
-                    return Err(Error::io(
-                        format!("cannot move {} to {}", src.display(), dst.display()),
-                        e,
-                    ))
-                }
+                Err(e) => return Err(transfer_error(src, dst, e)),
             }
         }
-        self.copied.push(dst.to_path_buf());
-        copy_tree(src, dst)?;
+        if dst.symlink_metadata().is_ok() {
+            return Err(transfer_error(
+                src,
+                dst,
+                std::io::ErrorKind::AlreadyExists.into(),
+            ));
+        }
+        self.created.push(dst.to_path_buf());
+        copy_tree(src, dst, cancel)?;
         if mode == Mode::Move {
             self.remove_on_success.push(src.to_path_buf());
         }
@@ -400,11 +426,13 @@ impl Undo {
             .try_for_each(|src| remove_tree(src))
     }
 
-    /// Puts every moved file back and removes what the restore created. The targets were
-    /// empty before, so once everything is back, whatever is left in them is ours (copies,
-    /// the bootstrap's InnoDB files). If something cannot be moved back, nothing else is
-    /// removed, and the error says where things are.
-    fn roll_back(&mut self, targets: &[&Path]) -> std::result::Result<(), String> {
+    /// Removes what this restore created, puts every moved file back, and removes the
+    /// directories it created if they are empty again. If something cannot be moved back,
+    /// nothing more is touched and the error says where things are.
+    fn roll_back(&mut self) -> std::result::Result<(), String> {
+        for path in self.created.iter().rev() {
+            let _ = remove_tree(path);
+        }
         let stuck: Vec<String> = self
             .moved
             .iter()
@@ -415,16 +443,6 @@ impl Undo {
         if !stuck.is_empty() {
             return Err(format!("these stay where they are: {}", stuck.join(", ")));
         }
-        for dst in self.copied.iter().rev() {
-            let _ = remove_tree(dst);
-        }
-        for target in targets {
-            if let Ok(entries) = fs::read_dir(target) {
-                for entry in entries.flatten() {
-                    let _ = remove_tree(&entry.path());
-                }
-            }
-        }
         for dir in self.created_dirs.iter().rev() {
             let _ = fs::remove_dir(dir);
         }
@@ -432,14 +450,59 @@ impl Undo {
     }
 }
 
+fn transfer_error(src: &Path, dst: &Path, e: std::io::Error) -> Error {
+    match e.kind() {
+        ErrorKind::AlreadyExists => Error::Refused(format!(
+            "{} appeared in the target while restoring (is another restore running?)",
+            dst.display()
+        )),
+        _ => Error::io(
+            format!("cannot move {} to {}", src.display(), dst.display()),
+            e,
+        ),
+    }
+}
+
+/// `rename` that fails instead of replacing an existing target.
+fn rename_noreplace(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c =
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (from, to) = (c(src)?, c(dst)?);
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The paths in a directory and in its `mysql/` subdirectory: what the bootstrap may add to.
+fn listing(datadir: &Path) -> HashSet<PathBuf> {
+    [datadir.to_path_buf(), datadir.join("mysql")]
+        .iter()
+        .filter_map(|d| fs::read_dir(d).ok())
+        .flat_map(|rd| rd.flatten().map(|e| e.path()))
+        .collect()
+}
+
 /// Copies a file or directory tree, keeping modes and modification times.
-fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+fn copy_tree(src: &Path, dst: &Path, cancel: &Cancel) -> Result<()> {
+    cancel.check()?;
     let md = fs::metadata(src).with_path("stat", src)?;
     if md.is_dir() {
         fs::create_dir(dst).with_path("create", dst)?;
         for entry in fs::read_dir(src).with_path("list", src)? {
             let entry = entry.with_path("list", src)?;
-            copy_tree(&entry.path(), &dst.join(entry.file_name()))?;
+            copy_tree(&entry.path(), &dst.join(entry.file_name()), cancel)?;
         }
     } else {
         fs::copy(src, dst)
@@ -459,5 +522,49 @@ fn remove_tree(p: &Path) -> Result<()> {
         fs::remove_dir_all(p).with_path("remove", p)
     } else {
         fs::remove_file(p).with_path("remove", p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moves_never_replace_what_is_already_there() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        fs::write(&a, b"mine").unwrap();
+        fs::write(&b, b"someone else's").unwrap();
+        assert_eq!(
+            rename_noreplace(&a, &b).unwrap_err().kind(),
+            ErrorKind::AlreadyExists
+        );
+        assert_eq!(fs::read(&b).unwrap(), b"someone else's");
+        fs::remove_file(&b).unwrap();
+        rename_noreplace(&a, &b).unwrap();
+        assert_eq!(fs::read(&b).unwrap(), b"mine");
+    }
+
+    #[test]
+    fn server_state_files_are_recognised() {
+        for name in [
+            "ddl_recovery.log",
+            "ibdata1",
+            "ib_logfile0",
+            "binlog.000001",
+            "binlog.index",
+            "mysqld.pid",
+        ] {
+            assert!(is_server_state(name), "{name}");
+        }
+        for name in [
+            "aria_log.00000001",
+            "aria_log_control",
+            "000012.log",
+            "CURRENT",
+            "xtrabackup_binlog_info",
+        ] {
+            assert!(!is_server_state(name), "{name}");
+        }
     }
 }

@@ -82,7 +82,12 @@ impl Server {
         self.conn.query_drop(&sql).map_err(|e| match &e {
             mysql::Error::MySqlError(me) if me.code == 1205 => Error::Server(format!(
                 "{sql} waited {timeout} s for running statements (a long DDL, LOCK TABLES, a stuck \
-                 transaction?) and gave up; the server was released. Retry later, or raise --lock-wait-timeout"
+                 transaction?) and gave up. Retry when they are done{}",
+                if stage == "BLOCK_COMMIT" {
+                    " (while commits are blocked the wait is capped at 10 s)"
+                } else {
+                    ", or raise --lock-wait-timeout"
+                }
             )),
             _ => Server::fail(&sql, e),
         })

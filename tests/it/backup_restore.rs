@@ -326,14 +326,17 @@ fn compaction_during_the_rounds_is_handled_and_obsolete_ssts_are_not_restored() 
     source.exec(&format!(
         "USE c; {load} SET GLOBAL rocksdb_force_flush_memtable_now = 1"
     ));
+    // Full compactions, again and again: every SST sent so far keeps becoming obsolete.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let compactor = {
-        let opts = source.opts("root");
+        let (opts, stop) = (source.opts("root"), stop.clone());
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(500));
-            mysql::Conn::new(opts)
-                .unwrap()
-                .query_drop("SET GLOBAL rocksdb_compact_cf = 'default'")
-                .unwrap();
+            let mut conn = mysql::Conn::new(opts).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(300));
+                conn.query_drop("SET GLOBAL rocksdb_compact_cf = 'default'")
+                    .unwrap();
+            }
         })
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -343,6 +346,7 @@ fn compaction_during_the_rounds_is_handled_and_obsolete_ssts_are_not_restored() 
         &stream,
         4 << 20,
     );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     compactor.join().unwrap();
     assert!(log.contains("not catching up with compaction"), "{log}");
     let x = tmp.path().join("x");
