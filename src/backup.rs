@@ -400,9 +400,15 @@ impl Job<'_> {
 
         let commits_blocked = Instant::now();
         server.backup_stage("BLOCK_COMMIT", timeout.min(10))?;
+        let mut steps = vec![("waiting for commits in flight", commits_blocked.elapsed())];
         let blocked = (|| -> Result<_> {
+            let step = Instant::now();
             server.create_checkpoint(&checkpoint)?;
+            steps.push(("checkpoint", step.elapsed()));
+            let step = Instant::now();
             let binlog = server.binlog_position()?;
+            steps.push(("coordinates", step.elapsed()));
+            let step = Instant::now();
             let mut aria_copies = Vec::new();
             for f in &sel.aria_logs {
                 let copy = aria_dir.join(&f.name);
@@ -412,10 +418,19 @@ impl Job<'_> {
                     name: f.name.clone(),
                 });
             }
+            steps.push(("Aria log", step.elapsed()));
             Ok((binlog, aria_copies))
         })();
         server.exec("BACKUP STAGE END")?;
         let commit_stall_ms = commits_blocked.elapsed().as_secs_f64() * 1e3;
+        let parts: Vec<String> = steps
+            .iter()
+            .map(|(what, d)| format!("{what} {:.1} ms", d.as_secs_f64() * 1e3))
+            .collect();
+        info!(
+            "Commits blocked for {commit_stall_ms:.1} ms: {}",
+            parts.join(", ")
+        );
         let ddl_block_ms = ddl_blocked.elapsed().as_secs_f64() * 1e3;
         let (binlog, aria_copies) = blocked?;
         Ok(ConsistentPoint {
