@@ -145,6 +145,8 @@ impl Extractor {
             file,
             name: parts.join("/"),
             written: 0,
+            submitted: 0,
+            dropped: 0,
             crc: crc32fast::Hasher::new(),
         })
     }
@@ -198,6 +200,7 @@ impl Unpack for Extractor {
             .context(|| format!("cannot write {} in {}", path, self.root.display()))?;
         combine_crc(&mut open.crc, crc32, data.len());
         open.written += data.len() as u64;
+        open.write_behind();
         self.bytes += data.len() as u64;
         Ok(())
     }
@@ -234,7 +237,46 @@ struct OpenFile {
     /// The path as stored in `received`: components joined by `/`, no `.` parts.
     name: String,
     written: u64,
+    /// Bytes handed to the disk so far, and of those, bytes known on disk and dropped from
+    /// the page cache (see `write_behind`).
+    submitted: u64,
+    dropped: u64,
     crc: crc32fast::Hasher,
+}
+
+/// How much written data may wait in the page cache before it is handed to the disk.
+const WRITE_BEHIND: u64 = 8 << 20;
+
+impl OpenFile {
+    /// Hands each full window of written data to the disk and drops the window before it
+    /// from the page cache once it is on disk. Without this, gigabytes of dirty pages pile
+    /// up and every write is throttled; a receiving host has no use for them cached.
+    fn write_behind(&mut self) {
+        let pending = self.written - self.submitted;
+        if pending < WRITE_BEHIND {
+            return;
+        }
+        let fd = self.file.as_raw_fd();
+        // Failures here cost only speed: the final syncfs makes everything durable.
+        unsafe {
+            libc::sync_file_range(
+                fd,
+                self.submitted as i64,
+                pending as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+            let previous = (self.submitted - self.dropped) as i64;
+            if previous > 0 {
+                let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+                libc::sync_file_range(fd, self.dropped as i64, previous, wait);
+                libc::posix_fadvise(fd, self.dropped as i64, previous, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+        self.dropped = self.submitted;
+        self.submitted = self.written;
+    }
 }
 
 /// Applies mode and modification time, to an open file or (for directories) a path.
