@@ -273,22 +273,13 @@ impl Job<'_> {
         Ok(())
     }
 
-    /// SSTs of a checkpoint not yet sent, oldest (lowest number) first.
-    fn unsent_ssts(&self, checkpoint: &Path) -> Result<Vec<(String, u64)>> {
-        let mut ssts = Vec::new();
-        for entry in fs::read_dir(checkpoint).with_path("list", checkpoint)? {
-            let entry = entry.with_path("list", checkpoint)?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.ends_with(".sst") {
-                continue;
-            }
-            let size = entry.metadata().with_path("stat", &entry.path())?.len();
-            if self.sent_sst.get(&name) != Some(&size) {
-                ssts.push((name, size));
-            }
-        }
-        ssts.sort();
-        Ok(ssts)
+    /// SSTs of a checkpoint listing not yet sent (a file's name and size identify it).
+    fn unsent_ssts(&self, listing: &[(String, u64)]) -> Vec<(String, u64)> {
+        listing
+            .iter()
+            .filter(|(name, size)| name.ends_with(".sst") && self.sent_sst.get(name) != Some(size))
+            .cloned()
+            .collect()
     }
 
     /// Sends SSTs through renewed checkpoints until one round sends all of its checkpoint.
@@ -311,7 +302,7 @@ impl Job<'_> {
                     dir.display()
                 )));
             }
-            let ssts = self.unsent_ssts(&dir)?;
+            let ssts = self.unsent_ssts(&list_checkpoint(&dir)?);
             let unsent: u64 = ssts.iter().map(|(_, size)| size).sum();
             info!(
                 "Round {round}: checkpoint {} holds {} SST files not yet sent ({})",
@@ -450,18 +441,14 @@ impl Job<'_> {
     /// holds: it links every live SST, so those are obsolete.
     fn send_final(&mut self, point: &ConsistentPoint) -> Result<Vec<String>> {
         let dir = &point.checkpoint;
-        let ssts = self.unsent_ssts(dir)?;
+        let listing = list_checkpoint(dir)?;
+        let ssts = self.unsent_ssts(&listing);
         info!("Final checkpoint: {} new SST files", ssts.len());
         for (name, size) in &ssts {
             self.send(&dir.join(name), &format!("{ROCKSDB_DIR}/{name}"))?;
             self.sent_sst.insert(name.clone(), *size);
         }
-        let mut rest: Vec<String> = fs::read_dir(dir)
-            .with_path("list", dir)?
-            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect::<std::io::Result<_>>()
-            .with_path("list", dir)?;
-        let live: HashSet<&String> = rest.iter().collect();
+        let live: HashSet<&String> = listing.iter().map(|(name, _)| name).collect();
         let mut obsolete: Vec<String> = self
             .sent_sst
             .keys()
@@ -469,9 +456,13 @@ impl Job<'_> {
             .cloned()
             .collect();
         obsolete.sort();
-        rest.retain(|n| !n.ends_with(".sst"));
+        let mut rest: Vec<&String> = listing
+            .iter()
+            .map(|(name, _)| name)
+            .filter(|n| !n.ends_with(".sst"))
+            .collect();
         // CURRENT last: it names the MANIFEST, which must be complete before it.
-        rest.sort_by_key(|n| (rocksdb_file_order(n), n.clone()));
+        rest.sort_by_key(|n| (rocksdb_file_order(n), *n));
         for name in &rest {
             self.send(&dir.join(name), &format!("{ROCKSDB_DIR}/{name}"))?;
         }
@@ -481,6 +472,18 @@ impl Job<'_> {
         fs::remove_dir_all(dir).with_path("remove checkpoint", dir)?;
         Ok(obsolete)
     }
+}
+
+/// Every file of a checkpoint with its size, by name (SSTs therefore oldest first).
+fn list_checkpoint(dir: &Path) -> Result<Vec<(String, u64)>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).with_path("list", dir)? {
+        let entry = entry.with_path("list", dir)?;
+        let size = entry.metadata().with_path("stat", &entry.path())?.len();
+        files.push((entry.file_name().to_string_lossy().into_owned(), size));
+    }
+    files.sort();
+    Ok(files)
 }
 
 fn rocksdb_file_order(name: &str) -> u8 {
