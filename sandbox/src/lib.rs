@@ -5,6 +5,7 @@
 
 pub mod workload;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -239,6 +240,32 @@ impl Server {
             Some(mysql::Value::NULL) | None => "NULL".into(),
             Some(v) => mysql::from_value::<String>(v.clone()),
         }
+    }
+
+    /// `CHECKSUM TABLE` and row count of every base table of `db`, by table name.
+    pub fn checksums(&self, db: &str) -> BTreeMap<String, (u64, u64)> {
+        let mut conn = self.conn();
+        let tables: Vec<String> = conn
+            .exec(
+                "SELECT TABLE_NAME FROM information_schema.TABLES \
+                 WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE' ORDER BY 1",
+                (db,),
+            )
+            .unwrap();
+        tables
+            .into_iter()
+            .map(|t| {
+                let sum: (String, Option<u64>) = conn
+                    .query_first(format!("CHECKSUM TABLE `{db}`.`{t}`"))
+                    .unwrap()
+                    .unwrap();
+                let count: u64 = conn
+                    .query_first(format!("SELECT COUNT(*) FROM `{db}`.`{t}`"))
+                    .unwrap()
+                    .unwrap();
+                (t, (sum.1.unwrap_or(0), count))
+            })
+            .collect()
     }
 
     pub fn error_log(&self) -> String {

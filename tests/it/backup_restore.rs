@@ -87,10 +87,7 @@ fn hot_backup_under_write_load_is_exact_at_its_coordinates() {
         "0",
         "replica did not catch up"
     );
-    assert_eq!(
-        table_checksums(&copy, "bank"),
-        table_checksums(&source, "bank")
-    );
+    assert_eq!(copy.checksums("bank"), source.checksums("bank"));
     assert_eq!(copy.logged_errors(), Vec::<String>::new());
     assert_bank_consistent(&source);
 
@@ -201,7 +198,7 @@ fn rounds_renew_checkpoints_and_never_send_an_sst_twice() {
     );
     let copy = Server::start_on(&restored, &["--skip-slave-start"]);
     assert_eq!(copy.logged_errors(), Vec::<String>::new());
-    assert_eq!(table_checksums(&copy, "r"), table_checksums(&source, "r"));
+    assert_eq!(copy.checksums("r"), source.checksums("r"));
     assert_eq!(
         copy.value("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = 'r'"),
         "2"
@@ -380,7 +377,7 @@ fn compaction_during_the_rounds_is_handled_and_obsolete_ssts_are_not_restored() 
     }
     let copy = Server::start_on(&restored, &[]);
     assert_eq!(copy.logged_errors(), Vec::<String>::new());
-    assert_eq!(table_checksums(&copy, "c"), table_checksums(&source, "c"));
+    assert_eq!(copy.checksums("c"), source.checksums("c"));
     eprintln!(
         "compaction test: {} obsolete SSTs left behind",
         obsolete.len()

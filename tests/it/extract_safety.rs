@@ -21,9 +21,7 @@ fn tar_entry(name: &str, data: &[u8], kind: u8) -> Vec<u8> {
     h[156] = kind;
     h[257..263].copy_from_slice(b"ustar\0");
     h[263..265].copy_from_slice(b"00");
-    h[148..156].fill(b' ');
-    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    set_tar_checksum(&mut h);
     let mut out = h.to_vec();
     out.extend_from_slice(data);
     out.resize(out.len().div_ceil(512) * 512, 0);
@@ -51,12 +49,6 @@ fn xbstream_chunk(path: &str, data: Option<&[u8]>) -> Vec<u8> {
         c.extend_from_slice(d);
     }
     c
-}
-
-fn extract_bytes(stream: &[u8], target: &Path) -> std::process::Output {
-    let file = target.with_extension("stream");
-    fs::write(&file, stream).unwrap();
-    extract_cmd(&file, target)
 }
 
 fn stderr(out: &std::process::Output) -> String {
@@ -238,7 +230,7 @@ fn a_base256_mode_field_is_read_not_a_panic() {
     let mut stream = tar_of(&[("first", b"data"), ("second", b"more")]);
     let second = 1024; // header of the second entry
     stream[second + 100..second + 108].copy_from_slice(&[0x80, 0, 0, 0, 0, 0, 1, 0xa4]);
-    fix_checksum(&mut stream[second..second + 512]);
+    set_tar_checksum(&mut stream[second..second + 512]);
     let target = tmp.path().join("t");
     let out = extract_bytes(&stream, &target);
     assert!(
@@ -262,7 +254,7 @@ fn setuid_bits_are_not_restored() {
     let tmp = tempfile::tempdir().unwrap();
     let mut stream = tar_of(&[("suid", b"#!/bin/sh\n")]);
     stream[100..108].copy_from_slice(b"0004755\0");
-    fix_checksum(&mut stream[..512]);
+    set_tar_checksum(&mut stream[..512]);
     let target = tmp.path().join("t");
     let out = extract_bytes(&stream, &target);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -275,10 +267,4 @@ fn setuid_bits_are_not_restored() {
             & 0o7777,
         0o755
     );
-}
-
-fn fix_checksum(h: &mut [u8]) {
-    h[148..156].fill(b' ');
-    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
 }

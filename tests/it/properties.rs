@@ -2,7 +2,7 @@
 //! damaged byte of one of our streams is detected: never a silent success.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use myrocks_hotbackup::archive::Format;
 use proptest::prelude::*;
@@ -50,6 +50,17 @@ fn build(root: &Path, files: &[(String, Vec<u8>)]) {
     }
 }
 
+/// Builds `files` in a new temporary directory and writes them as one of our streams.
+fn stream_of(files: &[(String, Vec<u8>)], format: Format) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    build(&src, files);
+    let mut stream = Vec::new();
+    write_stream(format, &src, &mut stream);
+    (tmp, src, stream)
+}
+
 fn format() -> impl Strategy<Value = Format> {
     prop_oneof![Just(Format::Tar), Just(Format::Xbstream)]
 }
@@ -59,15 +70,9 @@ proptest! {
 
     #[test]
     fn random_trees_round_trip(files in tree(), format in format()) {
-        let tmp = tempfile::tempdir().unwrap();
-        let (src, out) = (tmp.path().join("src"), tmp.path().join("out"));
-        fs::create_dir(&src).unwrap();
-        build(&src, &files);
-        let mut stream = Vec::new();
-        write_stream(format, &src, &mut stream);
-        let input = tmp.path().join("stream");
-        fs::write(&input, &stream).unwrap();
-        let res = extract_cmd(&input, &out);
+        let (tmp, src, stream) = stream_of(&files, format);
+        let out = tmp.path().join("out");
+        let res = extract_bytes(&stream, &out);
         prop_assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
         assert_same_tree(&src, &out, format == Format::Tar);
     }
@@ -76,17 +81,11 @@ proptest! {
     fn any_damaged_byte_is_detected(
         files in tree(), format in format(), at in any::<prop::sample::Index>(), flip in 1u8..=255,
     ) {
-        let tmp = tempfile::tempdir().unwrap();
-        let (src, out) = (tmp.path().join("src"), tmp.path().join("out"));
-        fs::create_dir(&src).unwrap();
-        build(&src, &files);
-        let mut stream = Vec::new();
-        write_stream(format, &src, &mut stream);
+        let (tmp, _, mut stream) = stream_of(&files, format);
         let pos = at.index(stream.len());
         stream[pos] ^= flip;
-        let input = tmp.path().join("stream");
-        fs::write(&input, &stream).unwrap();
-        let res = extract_cmd(&input, &out);
+        let out = tmp.path().join("out");
+        let res = extract_bytes(&stream, &out);
         prop_assert!(!res.status.success(), "damage at byte {pos} of {} went unnoticed", stream.len());
         prop_assert!(!out.exists(), "a damaged stream left files behind");
     }
@@ -96,18 +95,11 @@ proptest! {
     #[test]
     fn any_damaged_tar_header_byte_is_detected(files in tree(), which in any::<prop::sample::Index>(),
                                                offset in 0usize..512, flip in 1u8..=255) {
-        let tmp = tempfile::tempdir().unwrap();
-        let (src, out) = (tmp.path().join("src"), tmp.path().join("out"));
-        fs::create_dir(&src).unwrap();
-        build(&src, &files);
-        let mut stream = Vec::new();
-        write_stream(Format::Tar, &src, &mut stream);
+        let (tmp, _, mut stream) = stream_of(&files, Format::Tar);
         let headers = tar_header_offsets(&stream);
         let pos = headers[which.index(headers.len())] + offset;
         stream[pos] ^= flip;
-        let input = tmp.path().join("stream");
-        fs::write(&input, &stream).unwrap();
-        let res = extract_cmd(&input, &out);
+        let res = extract_bytes(&stream, &tmp.path().join("out"));
         prop_assert!(!res.status.success());
         let err = String::from_utf8_lossy(&res.stderr);
         prop_assert!(err.contains("tar header") || err.contains("not plausible") || err.contains("truncated")
@@ -128,14 +120,11 @@ proptest! {
     ) {
         let mut h = fields;
         h[156] = kind;
-        h[148..156].fill(b' ');
-        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        set_tar_checksum(&mut h);
         h.extend_from_slice(&[0; 4096]);
         let tmp = tempfile::tempdir().unwrap();
-        let (input, out) = (tmp.path().join("stream"), tmp.path().join("out"));
-        fs::write(&input, &h).unwrap();
-        let res = extract_cmd(&input, &out);
+        let out = tmp.path().join("out");
+        let res = extract_bytes(&h, &out);
         prop_assert!(res.status.code().is_some_and(|c| c != 101), "panic: {}", String::from_utf8_lossy(&res.stderr));
         if !res.status.success() {
             prop_assert!(!out.exists(), "a refused stream left files behind");

@@ -1,13 +1,11 @@
 //! Helpers for tests that back up and restore real servers.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use mysql::prelude::Queryable;
 use sandbox::Server;
 
 use super::{bin, require, run_ok};
@@ -115,28 +113,6 @@ pub fn move_back(backup: &Path, datadir: &Path) -> Output {
         .arg(datadir)
         .output()
         .unwrap()
-}
-
-/// `CHECKSUM TABLE` and row count of every table of `db`.
-pub fn table_checksums(server: &Server, db: &str) -> BTreeMap<String, (u64, u64)> {
-    let mut conn = server.conn();
-    let tables: Vec<String> = conn
-        .exec("SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE' ORDER BY 1", (db,))
-        .unwrap();
-    tables
-        .into_iter()
-        .map(|t| {
-            let sum: (String, Option<u64>) = conn
-                .query_first(format!("CHECKSUM TABLE `{db}`.`{t}`"))
-                .unwrap()
-                .unwrap();
-            let count: u64 = conn
-                .query_first(format!("SELECT COUNT(*) FROM `{db}`.`{t}`"))
-                .unwrap()
-                .unwrap();
-            (t, (sum.1.unwrap_or(0), count))
-        })
-        .collect()
 }
 
 /// The backup's manifest, parsed.

@@ -224,3 +224,17 @@ pub fn extract_ok(input: &Path, target: &Path) {
         String::from_utf8_lossy(&res.stderr)
     );
 }
+
+/// Writes `stream` beside `target` and runs our `extract` on it into `target`.
+pub fn extract_bytes(stream: &[u8], target: &Path) -> Output {
+    let file = target.with_extension("stream");
+    fs::write(&file, stream).unwrap();
+    extract_cmd(&file, target)
+}
+
+/// Fills in the checksum field of a 512-byte tar header, in the canonical form.
+pub fn set_tar_checksum(h: &mut [u8]) {
+    h[148..156].fill(b' ');
+    let sum: u32 = h[..512].iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}
