@@ -5,13 +5,21 @@
 //!    checkpoint and start a new one, skipping SSTs already sent (same name and size: SST
 //!    files are immutable). So a checkpoint never pins files that compaction made obsolete
 //!    for long. The rounds end with one that sent everything it held.
-//! 2. **The consistent point**, through `BACKUP STAGE`: under `BLOCK_DDL` the table
-//!    definitions and non-transactional table files are sent. RocksDB's memtables are
-//!    flushed, then under `BLOCK_COMMIT` the final checkpoint is created, the binary log
-//!    coordinates are read and the Aria log is copied aside. `END` releases the server; the
-//!    time in between is the commit stall, measured and recorded.
+//! 2. **The consistent point**, through `BACKUP STAGE`: under `BLOCK_DDL` (which also
+//!    blocks writes to non-transactional tables) the table definitions and the files of
+//!    non-transactional tables are sent, and all but the tail of the Aria log and of the log
+//!    tables is copied aside. RocksDB's memtables are flushed, then under `BLOCK_COMMIT` the
+//!    final checkpoint is created, the binary log coordinates and the replication state are
+//!    read, and what the server writes until then (the Aria log's tail, the statistics and
+//!    log tables of `mysql`) is copied aside. `END` releases the server; the time in
+//!    between is the commit stall, measured and recorded.
 //! 3. **The rest**: the final checkpoint's new SSTs, its WAL, OPTIONS, MANIFEST and CURRENT,
-//!    then `xtrabackup_binlog_info`, the InnoDB system table definitions and the manifest.
+//!    the copies made aside, then `xtrabackup_binlog_info`, `xtrabackup_slave_info`, the
+//!    InnoDB system tables and the manifest.
+//!
+//! The log lines carry the original tool's words (`Waiting until ... is created..`,
+//! `RocksDB Backup Done.`, `All Backups Done.`), which scripts and MariaDB's test suite grep;
+//! the last line of a successful run also says `completed OK!`, as mariabackup's does.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -20,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::aside::Aside;
 use crate::cancel::Cancel;
 use crate::checkpoint::CheckpointArea;
 use crate::cli::BackupArgs;
@@ -28,7 +37,7 @@ use crate::datadir::{self, DatadirFile};
 use crate::destination::Destination;
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{self, Manifest};
-use crate::server::{BinlogPosition, Server, ServerInfo};
+use crate::server::{BinlogPosition, ReplicaState, Server, ServerInfo};
 use crate::source::{FileReader, FileRecord};
 use crate::{info, warn};
 
@@ -36,7 +45,10 @@ use crate::{info, warn};
 pub const ROCKSDB_DIR: &str = "#rocksdb";
 /// mariabackup's file with `file<TAB>position<TAB>gtid`, read by replica-provisioning scripts.
 pub const BINLOG_INFO_NAME: &str = "xtrabackup_binlog_info";
-/// `SHOW CREATE TABLE` of the InnoDB tables in `mysql`, re-created at restore.
+/// mariabackup's `--slave-info` file: the statements that make a copy of a replica resume.
+pub const SLAVE_INFO_NAME: &str = "xtrabackup_slave_info";
+/// `SHOW CREATE TABLE` of the InnoDB tables in `mysql`, and the rows of
+/// `mysql.gtid_slave_pos`: run at restore, with `USE mysql` first.
 pub const INNODB_SQL_NAME: &str = "myrocks_hotbackup_innodb.sql";
 /// Name of the default checkpoint directory, beside the RocksDB data directory.
 const DEFAULT_CHECKPOINT_DIR: &str = "#myrocks_hotbackup";
@@ -52,6 +64,9 @@ pub struct BackupInfo {
     pub finished: i64,
     /// None when the server's binary log is off.
     pub binlog: Option<BinlogPosition>,
+    /// None when the server is not a replica and never was.
+    #[serde(default)]
+    pub replica: Option<ReplicaState>,
     /// How long commits were blocked (BACKUP STAGE BLOCK_COMMIT to END).
     pub commit_stall_ms: f64,
     /// How long DDL was blocked (BLOCK_DDL to END).
@@ -80,11 +95,27 @@ pub struct RoundStats {
 
 /// Runs a backup into `dest`.
 pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Result<BackupInfo> {
+    let result = backup(args, dest, cancel.clone());
+    match (result, cancel.check()) {
+        // A statement killed by the signal watcher fails with a server error: say why.
+        (Err(e), Err(stop)) if !matches!(e, Error::Interrupted(_)) => {
+            warn!("Stopped while: {e}");
+            Err(stop)
+        }
+        (result, _) => result,
+    }
+}
+
+fn backup(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Result<BackupInfo> {
     let started = crate::log::unix_now();
+    info!("Starting backup.");
     let creds = credentials::resolve(&args.conn)?;
     let mut server = Server::connect(&creds)?;
+    let _watcher = server.interrupt_on(&cancel, &creds)?;
     server.check_rocksdb()?;
     server.check_privileges()?;
+    // Every statement the run needs, tried now rather than after hours of rounds.
+    server.replica_state()?;
     let mut info = server.info()?;
     locate_datadir(args, &mut info)?;
     info!(
@@ -111,10 +142,12 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
         &*checkpoint_parent,
     ];
     // Fail now, not after hours of rounds, if InnoDB user tables make the backup impossible.
-    check_innodb(
-        &datadir::select(&info.datadir, &skip)?.innodb_user_tables,
-        args.skip_innodb_tables,
-    )?;
+    let sel = datadir::select(&info.datadir, &skip, info.innodb)?;
+    check_innodb(&sel.innodb_user_tables, args.skip_innodb_tables)?;
+    for table in &sel.innodb_system_tables {
+        server.create_table_sql("mysql", table)?;
+    }
+    datadir::aria_logs(&info.aria_log_dir)?;
 
     let mut job = Job {
         reader: FileReader::new(cancel.clone()),
@@ -128,15 +161,23 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
         .push(manifest::write_begin(&mut job.reader, job.dest)?);
 
     let rounds = job.catch_up(&mut server, &area, Duration::from_secs(args.interval))?;
+    let sent_gb = job.sent_sst.values().sum::<u64>() as f64 / (1u64 << 30) as f64;
+    info!(
+        "Sent {sent_gb:6.2} GB of sst files, {} files in total.",
+        job.sent_sst.len()
+    );
     if let Some(signal_file) = &args.debug_signal_file {
-        info!("Waiting until {} exists..", signal_file.display());
+        // The original's words, repeated each second, so the last line says it is waiting.
         while !signal_file.exists() {
-            job.cancel.sleep(Duration::from_millis(100))?;
+            info!("Waiting until {} is created..", signal_file.display());
+            job.cancel.sleep(Duration::from_secs(1))?;
         }
     }
+    area.check_space()?;
 
     server.backup_stage("START", args.lock_wait_timeout)?;
     let consistent = job.consistent_point(&mut server, &area, &info, &skip, args);
+    // On error the stage is released below; a failed statement does not end it.
     if consistent.is_err() {
         let _ = server.exec("BACKUP STAGE END");
     }
@@ -151,14 +192,25 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
         ))
     );
 
-    let obsolete_sst = job.send_final(&point)?;
+    let obsolete_sst = job.send_final(&point, &area)?;
+    info!("Taking MySQL misc backups..");
+    for f in point.aside.files() {
+        job.send(&f.source, &f.name)?;
+    }
+    info!("MySQL misc backups done.");
     let mut extra: Vec<(&str, Vec<u8>)> = Vec::new();
     match &point.binlog {
         Some(b) => extra.push((
             BINLOG_INFO_NAME,
             format!("{}\t{}\t{}\n", b.file, b.position, b.gtid_binlog_pos).into_bytes(),
         )),
+        None if point.replica.is_some() => info!(
+            "The server's binary log is off: the backup records the replication position only"
+        ),
         None => warn!("The server's binary log is off: the backup records no coordinates"),
+    }
+    if let Some(replica) = &point.replica {
+        extra.push((SLAVE_INFO_NAME, slave_info(replica).into_bytes()));
     }
     if !point.innodb_sql.is_empty() {
         extra.push((INNODB_SQL_NAME, point.innodb_sql.clone().into_bytes()));
@@ -173,6 +225,7 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
         started,
         finished: crate::log::unix_now(),
         binlog: point.binlog,
+        replica: point.replica,
         commit_stall_ms: point.commit_stall_ms,
         ddl_block_ms: point.ddl_block_ms,
         rounds,
@@ -186,13 +239,76 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
         files: std::mem::take(&mut job.records),
     };
     manifest::write_manifest(&manifest, &mut job.reader, job.dest)?;
+    drop(area);
     job.progress.finish(
         job.reader.bytes_sent(),
         manifest.files.len() + 1,
         job.sent_sst.len(),
     );
-    drop(area);
     Ok(manifest.backup)
+}
+
+/// mariabackup's `xtrabackup_slave_info`: the statements that make a copy of a replica
+/// resume from where the replica stood (the connection's host and user are the DBA's).
+fn slave_info(replica: &ReplicaState) -> String {
+    let mut text = String::new();
+    let uses_gtid = replica
+        .connections
+        .iter()
+        .all(|c| !c.using_gtid.eq_ignore_ascii_case("No"));
+    if !replica.gtid_slave_pos.is_empty() && uses_gtid {
+        text.push_str(&format!(
+            "SET GLOBAL gtid_slave_pos = '{}';\n",
+            replica.gtid_slave_pos
+        ));
+    }
+    for c in &replica.connections {
+        let name = match c.name.as_str() {
+            "" => String::new(),
+            n => format!(" '{}'", n.replace('\'', "''")),
+        };
+        if uses_gtid && !replica.gtid_slave_pos.is_empty() {
+            text.push_str(&format!(
+                "CHANGE MASTER{name} TO master_use_gtid = slave_pos;\n"
+            ));
+        } else {
+            text.push_str(&format!(
+                "CHANGE MASTER{name} TO MASTER_LOG_FILE='{}', MASTER_LOG_POS={};\n",
+                c.relay_master_log_file, c.exec_master_log_pos
+            ));
+        }
+    }
+    text
+}
+
+/// Statements that put the rows of `mysql.gtid_slave_pos` back, from `@@gtid_slave_pos`
+/// (`domain-server-seq` per domain): the restored server then has the same position.
+fn gtid_slave_pos_rows(gtid_slave_pos: &str) -> Result<String> {
+    let mut sql = String::new();
+    for (sub_id, gtid) in gtid_slave_pos
+        .split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+        .enumerate()
+    {
+        let parts: Vec<u64> = gtid
+            .split('-')
+            .map(|n| n.parse::<u64>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| {
+                Error::Server(format!("unexpected @@gtid_slave_pos {gtid_slave_pos:?}"))
+            })?;
+        let [domain, server, seq] = parts[..] else {
+            return Err(Error::Server(format!(
+                "unexpected @@gtid_slave_pos {gtid_slave_pos:?}"
+            )));
+        };
+        sql.push_str(&format!(
+            "INSERT INTO gtid_slave_pos (domain_id, sub_id, server_id, seq_no) VALUES ({domain}, {}, {server}, {seq});\n",
+            sub_id + 1
+        ));
+    }
+    Ok(sql)
 }
 
 /// Makes sure the server's files are the ones on this host, and applies `--datadir`.
@@ -201,7 +317,7 @@ fn locate_datadir(args: &BackupArgs, info: &mut ServerInfo) -> Result<()> {
         // Only the table files are read from there; checkpoints stay the server's paths.
         Some(local) => info.datadir = local.clone(),
         None => {
-            let here = hostname();
+            let here = crate::sys::hostname();
             if !here.is_empty() && here != info.hostname {
                 return Err(Error::Refused(format!(
                     "the server runs on host {:?} and this is {here:?}: run the backup on the database host \
@@ -221,15 +337,6 @@ fn locate_datadir(args: &BackupArgs, info: &mut ServerInfo) -> Result<()> {
     Ok(())
 }
 
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
-        return String::new();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
 fn check_innodb(user_tables: &[String], skip: bool) -> Result<()> {
     if user_tables.is_empty() || skip {
         return Ok(());
@@ -245,8 +352,10 @@ fn check_innodb(user_tables: &[String], skip: bool) -> Result<()> {
 /// What the consistent point produced.
 struct ConsistentPoint {
     checkpoint: PathBuf,
-    aria_copies: Vec<DatadirFile>,
+    /// The Aria log and the statistics and log tables, as they were under the block.
+    aside: Aside,
     binlog: Option<BinlogPosition>,
+    replica: Option<ReplicaState>,
     commit_stall_ms: f64,
     ddl_block_ms: f64,
     innodb_sql: String,
@@ -295,7 +404,10 @@ impl Job<'_> {
             self.cancel.check()?;
             let dir = area.checkpoint_path(&format!("round-{round}"));
             let start = Instant::now();
+            info!("Starting backup round {round}");
+            info!("Creating checkpoint at {}", dir.display());
             server.create_checkpoint(&dir)?;
+            info!("Created checkpoint at {}", dir.display());
             if !dir.is_dir() {
                 return Err(Error::Refused(format!(
                     "the server created checkpoint {} but it is not visible here: run the backup on the database host",
@@ -305,8 +417,7 @@ impl Job<'_> {
             let ssts = self.unsent_ssts(&list_checkpoint(&dir)?);
             let unsent: u64 = ssts.iter().map(|(_, size)| size).sum();
             info!(
-                "Round {round}: checkpoint {} holds {} SST files not yet sent ({})",
-                dir.display(),
+                "Starting backup from snapshot: target files {} ({} not yet sent)",
                 ssts.len(),
                 human(unsent)
             );
@@ -328,6 +439,7 @@ impl Job<'_> {
                 self.send(&link, &format!("{ROCKSDB_DIR}/{name}"))?;
                 fs::remove_file(&link).with_path("remove", &link)?;
                 self.sent_sst.insert(name.clone(), *size);
+                area.check_space()?;
                 files += 1;
                 bytes += size;
                 if start.elapsed() > interval && files < ssts.len() {
@@ -335,6 +447,7 @@ impl Job<'_> {
                 }
             }
             fs::remove_dir_all(&dir).with_path("remove checkpoint", &dir)?;
+            info!("Cleaned up checkpoint from {}", dir.display());
             let stats = RoundStats {
                 round,
                 unsent_at_start: unsent,
@@ -344,10 +457,10 @@ impl Job<'_> {
                 complete: files == ssts.len(),
             };
             info!(
-                "Round {round} finished: sent {files} SST files, {} in {:.1} s; {} left for the next round",
-                human(bytes),
+                "Snapshot round finished. Elapsed Time: {:5.2}. Remaining sst files: {} (round {round} sent {files} SST files, {})",
                 stats.seconds,
-                ssts.len() - files
+                ssts.len() - files,
+                human(bytes),
             );
             rounds.push(stats);
             if files == ssts.len() {
@@ -371,7 +484,7 @@ impl Job<'_> {
         // Timers start before the statement: DDL (then commits) are blocked while it waits.
         let ddl_blocked = Instant::now();
         server.backup_stage("BLOCK_DDL", timeout)?;
-        let sel = datadir::select(&info.datadir, skip)?;
+        let sel = datadir::select(&info.datadir, skip, info.innodb)?;
         check_innodb(&sel.innodb_user_tables, args.skip_innodb_tables)?;
         let mut innodb_sql = String::new();
         for table in &sel.innodb_system_tables {
@@ -385,9 +498,36 @@ impl Job<'_> {
             sel.schema.len(),
             sel.table_data.len()
         );
+        // What the server writes until commits are blocked: most of it now, the rest then.
+        let mut aside = Aside::new(area.scratch_dir("aside")?);
+        let growing: Vec<DatadirFile> = datadir::aria_logs(&info.aria_log_dir)?
+            .into_iter()
+            .filter(|f| f.name != "aria_log_control")
+            .chain(
+                sel.late_table_data
+                    .iter()
+                    .filter(|f| f.name.ends_with(".CSV"))
+                    .cloned(),
+            )
+            .collect();
+        let needed: u64 = growing
+            .iter()
+            .chain(&sel.late_table_data)
+            .filter_map(|f| fs::metadata(&f.source).ok())
+            .map(|md| md.len())
+            .sum();
+        area.check_space_for(needed)?;
+        let early: u64 = growing
+            .iter()
+            .map(|f| aside.copy_early(f))
+            .sum::<Result<u64>>()?;
+        info!(
+            "Copied {} of the Aria log and log tables aside; their tails follow while commits are blocked",
+            human(early)
+        );
+        self.cancel.check()?;
         server.flush_memtables()?;
         let checkpoint = area.checkpoint_path("final");
-        let aria_dir = area.scratch_dir("aria")?;
 
         let commits_blocked = Instant::now();
         server.backup_stage("BLOCK_COMMIT", timeout.min(10))?;
@@ -398,19 +538,14 @@ impl Job<'_> {
             steps.push(("checkpoint", step.elapsed()));
             let step = Instant::now();
             let binlog = server.binlog_position()?;
+            let replica = server.replica_state()?;
             steps.push(("coordinates", step.elapsed()));
             let step = Instant::now();
-            let mut aria_copies = Vec::new();
-            for f in &sel.aria_logs {
-                let copy = aria_dir.join(&f.name);
-                fs::copy(&f.source, &copy).with_path("copy", &f.source)?;
-                aria_copies.push(DatadirFile {
-                    source: copy,
-                    name: f.name.clone(),
-                });
-            }
-            steps.push(("Aria log", step.elapsed()));
-            Ok((binlog, aria_copies))
+            let mut late = datadir::aria_logs(&info.aria_log_dir)?;
+            late.extend(sel.late_table_data.iter().cloned());
+            aside.copy_under_block(&late)?;
+            steps.push(("Aria log, statistics and log tables", step.elapsed()));
+            Ok((binlog, replica))
         })();
         server.exec("BACKUP STAGE END")?;
         let commit_stall_ms = commits_blocked.elapsed().as_secs_f64() * 1e3;
@@ -423,11 +558,21 @@ impl Job<'_> {
             parts.join(", ")
         );
         let ddl_block_ms = ddl_blocked.elapsed().as_secs_f64() * 1e3;
-        let (binlog, aria_copies) = blocked?;
+        let (binlog, replica) = blocked?;
+        if !sel
+            .innodb_system_tables
+            .iter()
+            .any(|t| t == "gtid_slave_pos")
+        {
+            // No InnoDB: nothing to re-create, and the position is in the slave info.
+        } else if let Some(r) = &replica {
+            innodb_sql.push_str(&gtid_slave_pos_rows(&r.gtid_slave_pos)?);
+        }
         Ok(ConsistentPoint {
             checkpoint,
-            aria_copies,
+            aside,
             binlog,
+            replica,
             commit_stall_ms,
             ddl_block_ms,
             innodb_sql,
@@ -436,17 +581,24 @@ impl Job<'_> {
         })
     }
 
-    /// Sends the final checkpoint (new SSTs, then WAL, OPTIONS, MANIFEST, CURRENT) and the
-    /// Aria log copies. Returns the SSTs sent earlier that the final checkpoint no longer
+    /// Sends the final checkpoint (new SSTs, then WAL, OPTIONS, MANIFEST, CURRENT), removing
+    /// each file once sent. Returns the SSTs sent earlier that the final checkpoint no longer
     /// holds: it links every live SST, so those are obsolete.
-    fn send_final(&mut self, point: &ConsistentPoint) -> Result<Vec<String>> {
+    fn send_final(
+        &mut self,
+        point: &ConsistentPoint,
+        area: &CheckpointArea,
+    ) -> Result<Vec<String>> {
         let dir = &point.checkpoint;
         let listing = list_checkpoint(dir)?;
         let ssts = self.unsent_ssts(&listing);
         info!("Final checkpoint: {} new SST files", ssts.len());
         for (name, size) in &ssts {
-            self.send(&dir.join(name), &format!("{ROCKSDB_DIR}/{name}"))?;
+            let link = dir.join(name);
+            self.send(&link, &format!("{ROCKSDB_DIR}/{name}"))?;
+            fs::remove_file(&link).with_path("remove", &link)?;
             self.sent_sst.insert(name.clone(), *size);
+            area.check_space()?;
         }
         let live: HashSet<&String> = listing.iter().map(|(name, _)| name).collect();
         let mut obsolete: Vec<String> = self
@@ -463,13 +615,17 @@ impl Job<'_> {
             .collect();
         // CURRENT last: it names the MANIFEST, which must be complete before it.
         rest.sort_by_key(|n| (rocksdb_file_order(n), *n));
+        info!("Backup WAL..");
+        let mut wal = true;
         for name in &rest {
+            if std::mem::replace(&mut wal, rocksdb_file_order(name) == 0) && !wal {
+                info!("Backup Manifest..");
+            }
             self.send(&dir.join(name), &format!("{ROCKSDB_DIR}/{name}"))?;
         }
-        for f in &point.aria_copies {
-            self.send(&f.source, &f.name)?;
-        }
         fs::remove_dir_all(dir).with_path("remove checkpoint", dir)?;
+        info!("Cleaned up checkpoint from {}", dir.display());
+        info!("RocksDB Backup Done.");
         Ok(obsolete)
     }
 }
@@ -516,7 +672,7 @@ impl Progress {
         let since = self.last.elapsed();
         if since >= PROGRESS_EVERY {
             info!(
-                "Backup progress: sent {}, transfer speed {}/s",
+                "Backup Progress: Sent {}, Transfer Speed: {}/s",
                 human(bytes),
                 human(((bytes - self.last_bytes) as f64 / since.as_secs_f64()) as u64)
             );
@@ -528,7 +684,7 @@ impl Progress {
     fn finish(&self, bytes: u64, files: usize, ssts: usize) {
         let secs = self.start.elapsed().as_secs_f64();
         info!(
-            "Backup complete: {files} files ({ssts} SST), {} in {secs:.1} s, {}/s",
+            "All Backups Done. {files} files ({ssts} SST), {} in {secs:.1} s, {}/s; backup completed OK!",
             human(bytes),
             human((bytes as f64 / secs.max(1e-3)) as u64)
         );

@@ -1,4 +1,4 @@
-//! Cooperative cancellation: SIGINT and SIGTERM set a flag that long loops check, so that
+//! Cooperative cancellation: SIGINT, SIGTERM and SIGHUP (a dropped ssh session) set a flag that long loops check, so that
 //! a stopped backup still removes its checkpoints and releases the server's backup stage.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,12 +18,12 @@ impl Cancel {
         Cancel::default()
     }
 
-    /// Routes SIGINT and SIGTERM to this token instead of killing the process. A second
+    /// Routes SIGINT, SIGTERM and SIGHUP to this token instead of killing the process. A second
     /// signal, while the first is being handled, ends the process at once.
     pub fn on_signals() -> std::io::Result<Cancel> {
         let cancel = Cancel::default();
         let seen = Arc::new(AtomicBool::new(false));
-        for sig in [libc::SIGINT, libc::SIGTERM] {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             signal_hook::flag::register_conditional_shutdown(
                 sig,
                 crate::error::exit::INTERRUPTED,
@@ -40,6 +40,7 @@ impl Cancel {
         match self.signal.load(Ordering::Relaxed) {
             0 => Ok(()),
             s if s == libc::SIGINT as usize => Err(Error::Interrupted("SIGINT")),
+            s if s == libc::SIGHUP as usize => Err(Error::Interrupted("SIGHUP")),
             _ => Err(Error::Interrupted("SIGTERM")),
         }
     }

@@ -1,11 +1,17 @@
 //! The directory where the server creates this run's RocksDB checkpoints.
 //!
 //! Each run works in its own `myrocks_hotbackup-run-<pid>-<time>` directory, marked with an
-//! owner file. It is removed when the run ends, however it ends; a run killed outright
-//! leaves it behind, and the next run recognises it by the owner file and a dead pid, and
-//! removes it. Nothing without our owner file is ever touched.
+//! owner file that the run holds locked (`flock`) for as long as it lives. The directory is
+//! removed when the run ends, however it ends; a run killed outright leaves it behind, and
+//! the next run finds its owner file unlocked and removes it. A lock, unlike a pid, is
+//! right across PID namespaces and containers. Nothing without our owner file is touched.
+//!
+//! Checkpoints are hard links, but they pin files that compaction deletes, and the run
+//! keeps small copies of its own here: the run stops before the filesystem, which is the
+//! server's, runs out of space.
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -19,6 +25,8 @@ const OWNER_TAG: &str = "myrocks-hotbackup";
 /// This run's checkpoint directory, removed on drop.
 pub struct CheckpointArea {
     run_dir: PathBuf,
+    /// The owner file, locked while the run lives.
+    _owner: fs::File,
     /// The checkpoint directory itself, when this run created it (removed too, if empty).
     created_parent: Option<PathBuf>,
 }
@@ -69,18 +77,56 @@ impl CheckpointArea {
         fs::create_dir(&run_dir)
             .with_path("create a directory in the checkpoint directory", &run_dir)
             .map_err(cleanup_parent)?;
+        let owner_path = run_dir.join(OWNER_FILE);
+        let owner = (|| {
+            let mut f = fs::File::create(&owner_path)?;
+            f.try_lock().map_err(std::io::Error::from)?;
+            writeln!(f, "{OWNER_TAG} {}", std::process::id())?;
+            Ok(f)
+        })();
+        let owner = match owner {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&run_dir);
+                return Err(cleanup_parent(Error::io(
+                    format!("cannot create and lock {}", owner_path.display()),
+                    e,
+                )));
+            }
+        };
         let area = CheckpointArea {
             run_dir,
+            _owner: owner,
             created_parent,
         };
-        let me = std::process::id();
-        fs::write(
-            area.run_dir.join(OWNER_FILE),
-            format!("{OWNER_TAG} {me} {}\n", start_time(me).unwrap_or(0)),
-        )
-        .with_path("write", &area.run_dir.join(OWNER_FILE))?;
         give_to_server(&area.run_dir, &rocks)?;
+        area.check_space()?;
         Ok(area)
+    }
+
+    /// Refuses to go on when the filesystem of the checkpoints (the server's own) has less
+    /// than [`reserve`] bytes free: the server comes first. Removing the checkpoints, which
+    /// the caller does on error, gives back what they pinned.
+    pub fn check_space(&self) -> Result<()> {
+        self.check_space_for(0)
+    }
+
+    /// Like [`CheckpointArea::check_space`], before writing `bytes` of copies here.
+    pub fn check_space_for(&self, bytes: u64) -> Result<()> {
+        let (free, total) = crate::sys::free_space(&self.run_dir)?;
+        let keep = reserve(total);
+        if free < keep.saturating_add(bytes) {
+            return Err(Error::Refused(format!(
+                "the filesystem of {} (the server's data) has {} free; this backup needs {} there \
+                 and keeps {} free for the server, so it stopped and released its checkpoints. \
+                 Free space on that filesystem",
+                self.run_dir.display(),
+                crate::backup::human(free),
+                crate::backup::human(bytes),
+                crate::backup::human(keep)
+            )));
+        }
+        Ok(())
     }
 
     /// Where the checkpoint called `name` goes (the server creates it; it must not exist).
@@ -121,8 +167,14 @@ fn give_to_server(dir: &Path, rocks: &fs::Metadata) -> Result<()> {
     Ok(())
 }
 
+/// Space a backup leaves free on the server's filesystem: 1% of it, at least 256 MiB and at
+/// most 10 GiB.
+pub fn reserve(total: u64) -> u64 {
+    (total / 100).clamp(256 << 20, 10 << 30)
+}
+
 /// Removes run directories left by runs that were killed; refuses to share the directory
-/// with a run that is still alive.
+/// with a run that is still alive (its owner file is locked).
 fn remove_stale_runs(parent: &Path) -> Result<()> {
     for entry in fs::read_dir(parent).with_path("list", parent)? {
         let path = entry.with_path("list", parent)?.path();
@@ -130,21 +182,25 @@ fn remove_stale_runs(parent: &Path) -> Result<()> {
         if !name.starts_with(RUN_PREFIX) || !path.is_dir() {
             continue;
         }
-        let Ok(owner) = fs::read_to_string(path.join(OWNER_FILE)) else {
+        let owner_path = path.join(OWNER_FILE);
+        let Ok(text) = fs::read_to_string(&owner_path) else {
             continue;
         };
-        let fields: Vec<&str> = owner.split_whitespace().collect();
-        let [OWNER_TAG, pid, started] = fields[..] else {
+        let mut fields = text.split_whitespace();
+        if fields.next() != Some(OWNER_TAG) {
             continue;
-        };
-        let (Ok(pid), Ok(started)) = (pid.parse::<u32>(), started.parse::<u64>()) else {
-            continue;
-        };
-        if still_running(pid, started) {
-            return Err(Error::Refused(format!(
-                "another backup (pid {pid}) is running with checkpoints in {}",
-                parent.display()
-            )));
+        }
+        let pid = fields.next().unwrap_or("?").to_string();
+        let owner = fs::File::open(&owner_path).with_path("open", &owner_path)?;
+        match owner.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(Error::Refused(format!(
+                    "another backup (pid {pid}, perhaps in another container) is running with checkpoints in {}",
+                    parent.display()
+                )))
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io(format!("cannot lock {}", owner_path.display()), e)),
         }
         fs::remove_dir_all(&path).with_path("remove the stale checkpoint directory", &path)?;
         info!(
@@ -153,19 +209,4 @@ fn remove_stale_runs(parent: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// True if the run that wrote an owner file is still alive: the same pid, started at the
-/// same time (a recycled pid, or our own in a container that always starts us with the
-/// same pid, is not that run).
-fn still_running(pid: u32, started: u64) -> bool {
-    pid != std::process::id() && start_time(pid) == Some(started)
-}
-
-/// When a process started, in clock ticks since boot (field 22 of /proc/PID/stat).
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from its end.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(19)?.parse().ok()
 }

@@ -76,9 +76,10 @@ pub struct ConnectionArgs {
     /// User name [default: your login name]
     #[arg(short = 'u', long)]
     pub user: Option<String>,
-    /// Password; prefer MYSQL_PWD or an option file, a command line is visible to other users
-    #[arg(short = 'p', long, value_name = "PASSWORD")]
-    pub password: Option<String>,
+    /// Password; with no value, asked for on the terminal. Prefer an option file or
+    /// MYSQL_PWD: a password on the command line is scrubbed, but visible for a moment
+    #[arg(short = 'p', long, value_name = "PASSWORD", num_args = 0..=1)]
+    pub password: Option<Option<String>>,
     /// Read options only from this file
     #[arg(long, value_name = "FILE")]
     pub defaults_file: Option<PathBuf>,
@@ -160,6 +161,14 @@ pub struct RestoreArgs {
     /// server's InnoDB settings [default: none, InnoDB defaults]
     #[arg(long, value_name = "FILE")]
     pub defaults_file: Option<PathBuf>,
+    /// The server binary that re-creates the mysql schema's InnoDB tables
+    /// [default: mariadbd on PATH, /usr/sbin, /usr/local/sbin, /usr/libexec]
+    #[arg(long, value_name = "PATH")]
+    pub mariadbd: Option<PathBuf>,
+    /// Restore the files only (on a host without mariadbd); the restore then prints the
+    /// command that re-creates the mysql schema's InnoDB tables on the database host
+    #[arg(long)]
+    pub skip_bootstrap: bool,
 }
 
 #[derive(Args, Debug)]
@@ -214,6 +223,12 @@ struct LegacyArgs {
     skip_check_frm_timestamp: bool,
     #[arg(short = 'D', long)]
     debug_signal_file: Option<PathBuf>,
+    /// Not in the original: the server's option file, for the restore's bootstrap.
+    #[arg(long)]
+    defaults_file: Option<PathBuf>,
+    /// Not in the original: the server binary for the restore's bootstrap.
+    #[arg(long)]
+    mariadbd: Option<PathBuf>,
 }
 
 impl LegacyArgs {
@@ -236,7 +251,9 @@ impl LegacyArgs {
                 datadir,
                 rocksdb_datadir: Some(rocksdb_datadir),
                 rocksdb_waldir: Some(rocksdb_waldir),
-                defaults_file: None,
+                defaults_file: self.defaults_file,
+                mariadbd: self.mariadbd,
+                skip_bootstrap: false,
             }));
         }
         let stream = match self.stream.as_str() {
@@ -259,7 +276,8 @@ impl LegacyArgs {
                 port: Some(self.port),
                 socket: self.socket,
                 user: self.user,
-                password: self.password,
+                password: self.password.map(Some),
+                defaults_file: self.defaults_file,
                 ..ConnectionArgs::default()
             },
             stream,
@@ -350,7 +368,7 @@ mod tests {
         assert_eq!(b.checkpoint_dir, Some(PathBuf::from("/data/snap")));
         assert_eq!(b.interval, 60);
         assert_eq!(b.conn.user.as_deref(), Some("bk"));
-        assert_eq!(b.conn.password.as_deref(), Some("pw"));
+        assert_eq!(b.conn.password, Some(Some("pw".into())));
         assert_eq!(b.conn.host.as_deref(), Some("127.0.0.1"));
         assert_eq!(b.conn.port, Some(3307));
         assert!(b.skip_check_frm_timestamp);
@@ -446,5 +464,17 @@ mod tests {
             panic!()
         };
         assert!(!format!("{b:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn p_without_a_value_asks_for_the_password() {
+        let Command::Backup(b) = parse_strs(&["backup", "-p", "--stream", "tar"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(b.conn.password, Some(None));
+        let Command::Backup(b) = parse_strs(&["backup", "-ps3cret"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(b.conn.password, Some(Some("s3cret".into())));
     }
 }

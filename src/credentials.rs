@@ -45,7 +45,21 @@ pub struct Credentials {
 /// Resolves the command line, option files and environment into connection settings.
 pub fn resolve(args: &ConnectionArgs) -> Result<Credentials> {
     let files = option_file_values(args)?;
-    resolve_with(args, &files, std::env::var("MYSQL_PWD").ok())
+    let mut args = args.clone();
+    if args.password == Some(None) {
+        args.password = Some(Some(prompt_password()?));
+    }
+    resolve_with(&args, &files, std::env::var("MYSQL_PWD").ok())
+}
+
+/// `-p` with no value: ask on the terminal, without echo, as the MySQL clients do.
+fn prompt_password() -> Result<String> {
+    rpassword::prompt_password("Enter password: ").map_err(|e| {
+        Error::Usage(format!(
+            "-p without a value asks for the password on a terminal, and there is none ({e}): \
+             use an option file (--defaults-file) or MYSQL_PWD instead"
+        ))
+    })
 }
 
 fn resolve_with(
@@ -62,6 +76,7 @@ fn resolve_with(
     let password = args
         .password
         .clone()
+        .flatten()
         .or_else(|| from_files("password"))
         .or(env_password);
     let port = match args.port {
@@ -278,7 +293,7 @@ mod tests {
         );
         let c = resolve_with(&a, &files(&[]), Some("envpw".into())).unwrap();
         assert_eq!(c.password.as_deref(), Some("envpw"));
-        a.password = Some("clipw".into());
+        a.password = Some(Some("clipw".into()));
         a.user = Some("cliuser".into());
         let c = resolve_with(&a, &f, Some("envpw".into())).unwrap();
         assert_eq!(

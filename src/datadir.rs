@@ -4,6 +4,7 @@
 //! (a character class that matched `notes.txt`). Never InnoDB files, binary logs, temporary
 //! or crash-recovery files. InnoDB tables are recognised by the engine byte of their `.frm`.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,16 @@ const TABLE_EXTENSIONS: &[&str] = &[
     "frm", "par", "TRG", "TRN", "opt", "MYD", "MYI", "MAD", "MAI", "MRG", "ARM", "ARZ", "CSM",
     "CSV",
 ];
+/// Tables of `mysql` that the server writes until commits are blocked (BACKUP STAGE
+/// BLOCK_COMMIT), not only until BLOCK_DDL: persistent statistics and the log tables.
+const WRITTEN_UNTIL_COMMIT_BLOCK: &[&str] = &[
+    "table_stats",
+    "column_stats",
+    "index_stats",
+    "general_log",
+    "slow_log",
+];
+
 /// The legacy engine byte of a `.frm` (offset 3) and `.par` (offset 12).
 const DB_TYPE_INNODB: u8 = 12;
 const DB_TYPE_PARTITION: u8 = 20;
@@ -33,8 +44,9 @@ pub struct Selection {
     pub schema: Vec<DatadirFile>,
     /// Data of non-transactional engines (Aria, MyISAM, CSV, Archive, Merge).
     pub table_data: Vec<DatadirFile>,
-    /// `aria_log_control` and `aria_log.*`: copied last, at the consistent point.
-    pub aria_logs: Vec<DatadirFile>,
+    /// Data of the statistics and log tables of `mysql`: the server writes them until
+    /// commits are blocked, so they are copied then.
+    pub late_table_data: Vec<DatadirFile>,
     /// InnoDB tables of the `mysql` schema, as `table` names: re-created at restore.
     pub innodb_system_tables: Vec<String>,
     /// InnoDB tables elsewhere, as `db.table`: a RocksDB backup cannot hold them.
@@ -42,7 +54,9 @@ pub struct Selection {
 }
 
 /// Walks `datadir`, skipping the directories in `skip` (RocksDB data, WAL, checkpoints).
-pub fn select(datadir: &Path, skip: &[&Path]) -> Result<Selection> {
+/// With `innodb` false (a server running without InnoDB), the `.frm` files of InnoDB
+/// tables are copied as they are, like any definition: there is no InnoDB data to miss.
+pub fn select(datadir: &Path, skip: &[&Path], innodb: bool) -> Result<Selection> {
     let mut sel = Selection::default();
     for entry in sorted_entries(datadir)? {
         let name = entry.file_name().unwrap().to_string_lossy().into_owned();
@@ -52,21 +66,41 @@ pub fn select(datadir: &Path, skip: &[&Path]) -> Result<Selection> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io(format!("cannot stat {}", entry.display()), e)),
         };
-        if md.is_file() && (name == "aria_log_control" || is_aria_log(&name)) {
-            sel.aria_logs.push(DatadirFile {
-                source: entry,
-                name,
-            });
-        } else if md.is_dir() && is_database_dir(&name) && !skip.iter().any(|s| same_dir(s, &entry))
-        {
-            select_database(&entry, &name, &mut sel)?;
+        if md.is_dir() && is_database_dir(&name) && !skip.iter().any(|s| same_dir(s, &entry)) {
+            select_database(&entry, &name, innodb, &mut sel)?;
         }
     }
     Ok(sel)
 }
 
-fn select_database(dir: &Path, db: &str, sel: &mut Selection) -> Result<()> {
+/// `aria_log_control` and the `aria_log.*` files in the Aria log directory.
+pub fn aria_logs(dir: &Path) -> Result<Vec<DatadirFile>> {
+    let mut logs = Vec::new();
     for entry in sorted_entries(dir)? {
+        let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+        if (name == "aria_log_control" || is_aria_log(&name)) && entry.is_file() {
+            logs.push(DatadirFile {
+                source: entry,
+                name,
+            });
+        }
+    }
+    Ok(logs)
+}
+
+fn select_database(dir: &Path, db: &str, innodb: bool, sel: &mut Selection) -> Result<()> {
+    let entries = sorted_entries(dir)?;
+    // InnoDB tables first: their triggers and partition files stay out with them.
+    let mut innodb_tables = HashSet::new();
+    for entry in &entries {
+        let file = entry.file_name().unwrap().to_string_lossy();
+        if let Some(stem) = file.strip_suffix(".frm") {
+            if innodb && !file.starts_with("#sql") && entry.is_file() && is_innodb_table(entry)? {
+                innodb_tables.insert(stem.to_string());
+            }
+        }
+    }
+    for entry in entries {
         let file = entry.file_name().unwrap().to_string_lossy().into_owned();
         let Some((stem, ext)) = file.rsplit_once('.') else {
             continue;
@@ -74,17 +108,17 @@ fn select_database(dir: &Path, db: &str, sel: &mut Selection) -> Result<()> {
         if file.starts_with("#sql") || !TABLE_EXTENSIONS.contains(&ext) || !entry.is_file() {
             continue;
         }
-        if ext == "frm" && is_innodb_table(&entry)? {
-            match db {
-                "mysql" => sel.innodb_system_tables.push(stem.to_string()),
-                _ => sel.innodb_user_tables.push(format!("{db}.{stem}")),
+        let table = match ext {
+            "TRN" => trigger_table(&entry)?,
+            _ => Some(stem.to_string()),
+        };
+        if let Some(table) = table.filter(|t| innodb_tables.contains(t)) {
+            if ext == "frm" {
+                match db {
+                    "mysql" => sel.innodb_system_tables.push(table),
+                    _ => sel.innodb_user_tables.push(format!("{db}.{table}")),
+                }
             }
-            continue;
-        }
-        if ext == "par"
-            && dir.join(format!("{stem}.frm")).is_file()
-            && is_innodb_table(&dir.join(format!("{stem}.frm")))?
-        {
             continue;
         }
         let f = DatadirFile {
@@ -93,10 +127,22 @@ fn select_database(dir: &Path, db: &str, sel: &mut Selection) -> Result<()> {
         };
         match ext {
             "frm" | "par" | "TRG" | "TRN" | "opt" => sel.schema.push(f),
+            _ if db == "mysql" && WRITTEN_UNTIL_COMMIT_BLOCK.contains(&stem) => {
+                sel.late_table_data.push(f)
+            }
             _ => sel.table_data.push(f),
         }
     }
     Ok(())
+}
+
+/// The table a trigger's `.TRN` file names (`trigger_table=t`).
+fn trigger_table(trn: &Path) -> Result<Option<String>> {
+    let text = fs::read_to_string(trn).with_path("read", trn)?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("trigger_table="))
+        .map(str::to_string))
 }
 
 /// Directories in the datadir that are databases.
@@ -188,6 +234,17 @@ mod tests {
             ("app/t.frm.bak", vec![]),
             ("app/#sql-1a2b.frm", frm(45)),
             ("app/trg.TRG", vec![]),
+            ("app/inno.TRG", vec![]),
+            (
+                "app/inno_trigger.TRN",
+                b"TYPE=TRIGGERNAME\ntrigger_table=inno\n".to_vec(),
+            ),
+            (
+                "app/t_trigger.TRN",
+                b"TYPE=TRIGGERNAME\ntrigger_table=t\n".to_vec(),
+            ),
+            ("mysql/table_stats.MAD", vec![]),
+            ("mysql/general_log.CSV", vec![]),
             ("app/csv.CSV", vec![]),
             ("#rocksdb/000001.sst", vec![]),
             ("ckpt/x.frm", frm(45)),
@@ -196,10 +253,10 @@ mod tests {
         for (name, data) in files {
             fs::write(p.join(name), data).unwrap();
         }
-        let sel = select(p, &[&p.join("#rocksdb"), &p.join("ckpt")]).unwrap();
+        let sel = select(p, &[&p.join("#rocksdb"), &p.join("ckpt")], true).unwrap();
         let names = |v: &[DatadirFile]| v.iter().map(|f| f.name.clone()).collect::<Vec<_>>();
         assert_eq!(
-            names(&sel.aria_logs),
+            names(&aria_logs(p).unwrap()),
             ["aria_log.00000001", "aria_log_control"]
         );
         assert_eq!(
@@ -207,13 +264,23 @@ mod tests {
             [
                 "app/db.opt",
                 "app/t.frm",
+                "app/t_trigger.TRN",
                 "app/trg.TRG",
                 "app/v.frm",
                 "mysql/user.frm"
             ]
         );
         assert_eq!(names(&sel.table_data), ["app/csv.CSV", "mysql/user.MAD"]);
+        assert_eq!(
+            names(&sel.late_table_data),
+            ["mysql/general_log.CSV", "mysql/table_stats.MAD"]
+        );
         assert_eq!(sel.innodb_system_tables, ["gtid_slave_pos"]);
         assert_eq!(sel.innodb_user_tables, ["app.inno", "app.parted"]);
+
+        // A server without InnoDB: the definitions are copied like any other.
+        let sel = select(p, &[&p.join("#rocksdb"), &p.join("ckpt")], false).unwrap();
+        assert!(sel.innodb_system_tables.is_empty() && sel.innodb_user_tables.is_empty());
+        assert!(names(&sel.schema).contains(&"mysql/gtid_slave_pos.frm".to_string()));
     }
 }

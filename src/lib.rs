@@ -8,6 +8,7 @@
 //! puts them into a datadir, and [`cli`] is the command line.
 
 pub mod archive;
+pub mod aside;
 pub mod backup;
 pub mod cancel;
 pub mod checkpoint;
@@ -23,3 +24,4 @@ pub mod pipe;
 pub mod restore;
 pub mod server;
 pub mod source;
+pub mod sys;

@@ -2,6 +2,7 @@
 //! (`2026-11-25 05:07:47.123 INFO message`, local time). Stdout carries only archives.
 
 use std::fmt;
+use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Seconds since the epoch.
@@ -32,8 +33,11 @@ pub fn timestamp() -> String {
     )
 }
 
+/// Writes one line to stderr. A closed or full stderr loses the line, never the run: the
+/// clean-up that follows an error must not turn into a panic.
 pub fn emit(level: &str, args: fmt::Arguments) {
-    eprintln!("{} {level} {args}", timestamp());
+    let line = format!("{} {level} {args}\n", timestamp());
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 #[macro_export]

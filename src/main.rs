@@ -17,6 +17,7 @@ fn main() {
         Ok(command) => command,
         Err(e) => e.exit(),
     };
+    myrocks_hotbackup::sys::scrub_password_args();
     let code = match run(command) {
         Ok(()) => exit::OK,
         Err(e) if e.is_broken_pipe() => {

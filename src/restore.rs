@@ -12,7 +12,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::{ErrorKind, Write};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -50,7 +49,8 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
         .rocksdb_waldir
         .clone()
         .unwrap_or_else(|| rocksdb_dir.clone());
-    let obsolete = check_complete(backup)?;
+    check_plain_files(backup)?;
+    let obsolete = check_complete(backup, cancel)?;
     let plan = plan(backup, &datadir, &rocksdb_dir, &wal_dir, &obsolete)?;
     for target in [&datadir, &rocksdb_dir, &wal_dir] {
         check_empty(target)?;
@@ -60,9 +60,9 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
         Err(e) if e.kind() == ErrorKind::NotFound => None,
         Err(e) => return Err(Error::io(format!("cannot read {INNODB_SQL_NAME}"), e)),
     };
-    let mariadbd = match innodb_sql {
-        Some(_) => Some(find_mariadbd()?),
-        None => None,
+    let mariadbd = match (&innodb_sql, args.skip_bootstrap) {
+        (Some(_), false) => Some(find_mariadbd(args.mariadbd.as_deref())?),
+        _ => None,
     };
 
     let mut undo = Undo::default();
@@ -80,12 +80,21 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
                 && (name == "mysql" || name.starts_with("aria_log"));
             undo.transfer(src, dst, mode, bootstrap_touches, cancel)?;
         }
-        if let (Some(sql), Some(mariadbd)) = (&innodb_sql, &mariadbd) {
-            let before = listing(&datadir);
-            let booted = bootstrap_innodb(mariadbd, args.defaults_file.as_deref(), &datadir, sql);
-            undo.created
-                .extend(listing(&datadir).difference(&before).cloned());
-            booted?;
+        match (&innodb_sql, &mariadbd) {
+            (Some(sql), Some(mariadbd)) => {
+                let before = listing(&datadir);
+                let booted =
+                    bootstrap_innodb(mariadbd, args.defaults_file.as_deref(), &datadir, sql);
+                undo.created
+                    .extend(listing(&datadir).difference(&before).cloned());
+                booted?;
+            }
+            (Some(sql), None) => {
+                let script = datadir.join(INNODB_SQL_NAME);
+                undo.created.push(script.clone());
+                fs::write(&script, format!("USE mysql;\n{sql}")).with_path("write", &script)?;
+            }
+            _ => {}
         }
         for target in [&datadir, &rocksdb_dir, &wal_dir] {
             sync(target)?;
@@ -130,13 +139,47 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
             info!("To make the restored server a replica: SET GLOBAL gtid_slave_pos = '{gtid}'; CHANGE MASTER TO ..., MASTER_USE_GTID = slave_pos");
         }
     }
+    if innodb_sql.is_some() && mariadbd.is_none() {
+        let d = datadir.display();
+        warn!(
+            "The InnoDB tables of the mysql schema are not re-created yet (--skip-bootstrap). Before the \
+             first start, on the database host, run: mariadbd --bootstrap --datadir={d} --user=mysql \
+             < {d}/{INNODB_SQL_NAME} && rm {d}/{INNODB_SQL_NAME}"
+        );
+    }
     info!("Before starting the server, give the files to its user (chown -R mysql:mysql, as after mariabackup)");
+    info!("{verb} back: completed OK!");
     Ok(())
 }
 
-/// Refuses a backup whose files do not match its manifest (mbstream skips files silently).
-/// Returns the obsolete SSTs the manifest lists (sent in early rounds, compacted away since).
-fn check_complete(backup: &Path) -> Result<HashSet<String>> {
+/// Refuses a backup directory holding anything but directories and regular files: a
+/// symbolic link would make the restore write, or move, something outside the backup.
+fn check_plain_files(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).with_path("list", dir)? {
+        let path = entry.with_path("list", dir)?.path();
+        let md = fs::symlink_metadata(&path).with_path("stat", &path)?;
+        let kind = md.file_type();
+        if kind.is_dir() {
+            check_plain_files(&path)?;
+        } else if !kind.is_file() {
+            let what = if kind.is_symlink() {
+                "a symbolic link"
+            } else {
+                "a special file"
+            };
+            return Err(Error::Corrupt(format!(
+                "{} is {what}: a backup holds only directories and regular files, refusing to restore it",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a backup whose files do not match its manifest, in size and CRC-32 (mbstream
+/// skips files silently; a disk may flip a bit). Returns the obsolete SSTs the manifest
+/// lists (sent in early rounds, compacted away since).
+fn check_complete(backup: &Path, cancel: &Cancel) -> Result<HashSet<String>> {
     let manifest = match fs::read(backup.join(MANIFEST_NAME)) {
         Ok(json) => json,
         Err(_) if backup.join(BEGIN_NAME).exists() => {
@@ -160,10 +203,28 @@ fn check_complete(backup: &Path) -> Result<HashSet<String>> {
     };
     let manifest: Manifest<serde_json::Value> = serde_json::from_slice(&manifest)
         .map_err(|e| Error::Corrupt(format!("{MANIFEST_NAME} is not a valid manifest: {e}")))?;
-    let check = |f: &FileRecord| -> Result<()> {
+    let total: u64 = manifest.files.iter().map(|f| f.size).sum();
+    info!(
+        "Verifying {} files ({}) against the backup's manifest",
+        manifest.files.len(),
+        crate::backup::human(total)
+    );
+    let mut buf = vec![0u8; crate::source::CHUNK_SIZE];
+    let mut check = |f: &FileRecord| -> Result<()> {
         let path = backup.join(&f.path);
         match fs::metadata(&path) {
-            Ok(md) if md.len() == f.size => Ok(()),
+            Ok(md) if md.len() == f.size => {
+                let crc = file_crc(&path, &mut buf, cancel)?;
+                if crc == f.crc32 {
+                    Ok(())
+                } else {
+                    Err(Error::Corrupt(format!(
+                        "{} is damaged: its CRC-32 is {crc:08x}, the manifest says {:08x}; nothing was restored",
+                        path.display(),
+                        f.crc32
+                    )))
+                }
+            }
             Ok(md) => Err(Error::Corrupt(format!(
                 "{} has {} bytes, the manifest says {}",
                 path.display(),
@@ -176,7 +237,7 @@ fn check_complete(backup: &Path) -> Result<HashSet<String>> {
             ))),
         }
     };
-    manifest.files.iter().try_for_each(check)?;
+    manifest.files.iter().try_for_each(&mut check)?;
     let obsolete = manifest.backup["obsolete_sst"]
         .as_array()
         .into_iter()
@@ -184,6 +245,20 @@ fn check_complete(backup: &Path) -> Result<HashSet<String>> {
     Ok(obsolete
         .filter_map(|n| n.as_str().map(str::to_string))
         .collect())
+}
+
+/// The CRC-32 of a whole file.
+fn file_crc(path: &Path, buf: &mut [u8], cancel: &Cancel) -> Result<u32> {
+    let mut f = fs::File::open(path).with_path("open", path)?;
+    let mut crc = crc32fast::Hasher::new();
+    loop {
+        cancel.check()?;
+        let n = crate::source::read_full(&mut f, buf).with_path("read", path)?;
+        if n == 0 {
+            return Ok(crc.finalize());
+        }
+        crc.update(&buf[..n]);
+    }
 }
 
 /// Where every entry of the backup goes.
@@ -273,9 +348,12 @@ fn is_rocksdb_file(name: &str) -> bool {
         || name.starts_with("OPTIONS-")
 }
 
+/// A target must be empty; `lost+found` (a target that is a filesystem's root) is allowed.
 fn check_empty(dir: &Path) -> Result<()> {
     match fs::read_dir(dir) {
-        Ok(mut entries) => match entries.next() {
+        Ok(mut entries) => match entries
+            .find(|e| !e.as_ref().is_ok_and(|e| e.file_name() == "lost+found"))
+        {
             None => Ok(()),
             Some(e) => Err(Error::Refused(format!(
                 "restore target {} is not empty (it holds {:?}); restore only into empty or new directories",
@@ -288,7 +366,16 @@ fn check_empty(dir: &Path) -> Result<()> {
     }
 }
 
-fn find_mariadbd() -> Result<PathBuf> {
+fn find_mariadbd(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = given {
+        return match path.is_file() {
+            true => Ok(path.to_path_buf()),
+            false => Err(Error::Usage(format!(
+                "--mariadbd {}: no such file",
+                path.display()
+            ))),
+        };
+    }
     let dirs = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&dirs)
         .chain(["/usr/sbin", "/usr/local/sbin", "/usr/libexec"].map(PathBuf::from))
@@ -297,7 +384,8 @@ fn find_mariadbd() -> Result<PathBuf> {
         .ok_or_else(|| {
             Error::Refused(
                 "mariadbd is needed to re-create the InnoDB tables of the mysql schema and was not found: \
-                 restore on a host with the server installed"
+                 restore on the database host, give its path with --mariadbd PATH, or pass --skip-bootstrap \
+                 and run the bootstrap command the restore prints on the database host before the first start"
                     .into(),
             )
         })
@@ -332,7 +420,7 @@ fn bootstrap_innodb(
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    if unsafe { libc::geteuid() } == 0 {
+    if crate::sys::is_root() {
         cmd.arg("--user=root");
     }
     let mut child = cmd.spawn().with_path("run", mariadbd)?;
@@ -354,14 +442,7 @@ fn bootstrap_innodb(
 }
 
 fn sync(dir: &Path) -> Result<()> {
-    let f = fs::File::open(dir).with_path("open", dir)?;
-    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(Error::io(
-            format!("cannot sync {}", dir.display()),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    crate::sys::syncfs(dir)
 }
 
 /// What a restore did so far, to undo it after a failure. Only what is recorded here is

@@ -2,14 +2,18 @@
 //! backup needs (checkpoints, BACKUP STAGE, binary log coordinates). Errors say what to do.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mysql::prelude::Queryable;
 use mysql::{Conn, OptsBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::cancel::Cancel;
 use crate::credentials::{Credentials, Endpoint};
 use crate::error::{Error, Result};
+use crate::{info, warn};
 
 /// What the backup needs to know about the server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -19,6 +23,32 @@ pub struct ServerInfo {
     pub datadir: PathBuf,
     pub rocksdb_datadir: PathBuf,
     pub rocksdb_wal_dir: PathBuf,
+    /// Where the Aria log lives (`@@aria_log_dir_path`).
+    pub aria_log_dir: PathBuf,
+    /// False on a server running without InnoDB (`--skip-innodb`).
+    pub innodb: bool,
+}
+
+/// Where a replica stood at the consistent point, for a copy to resume replication.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaState {
+    /// `@@gtid_slave_pos`: the GTID position the copy resumes from.
+    pub gtid_slave_pos: String,
+    /// Each replication connection (`SHOW ALL SLAVES STATUS`).
+    pub connections: Vec<ReplicaConnection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaConnection {
+    /// Empty for the default connection.
+    pub name: String,
+    pub master_host: String,
+    pub master_port: u16,
+    /// The source's binary log coordinates of the last transaction applied.
+    pub relay_master_log_file: String,
+    pub exec_master_log_pos: u64,
+    /// `No`, `Slave_Pos` or `Current_Pos`.
+    pub using_gtid: String,
 }
 
 /// Binary log coordinates of the backup's consistent point.
@@ -39,10 +69,37 @@ const PRIVILEGES: &[(&[&str], &str)] = &[
         &["BINLOG MONITOR", "REPLICATION CLIENT", "SUPER"],
         "reading the binary log position",
     ),
+    (
+        &["SELECT", "SELECT ON mysql"],
+        "reading the replication state and table definitions in the mysql schema",
+    ),
 ];
 
 pub struct Server {
     conn: Conn,
+    guard: Arc<Guard>,
+}
+
+/// Whether a statement is in flight on the connection, and whether a signal killed it.
+#[derive(Default)]
+struct Guard {
+    in_statement: AtomicBool,
+    killed: AtomicBool,
+}
+
+/// The thread that interrupts blocked statements on a signal; stopped when dropped.
+pub struct Watcher {
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Server {
@@ -69,17 +126,65 @@ impl Server {
                 creds.endpoint
             )),
         })?;
-        let mut server = Server { conn };
-        // Rounds send data for minutes without a query: the connection must not time out.
-        server.exec("SET SESSION wait_timeout = 31536000")?;
+        let mut server = Server {
+            conn,
+            guard: Arc::new(Guard::default()),
+        };
+        // Rounds send data for minutes without a query: the connection must not time out;
+        // and no server-wide statement limit may cut a BACKUP STAGE or checkpoint short.
+        server.exec("SET SESSION wait_timeout = 31536000, max_statement_time = 0")?;
         Ok(server)
+    }
+
+    /// Makes a signal take effect even while a statement is blocked on the server (a
+    /// BACKUP STAGE waiting behind a long lock, say): a watcher thread sees `cancel` and
+    /// runs `KILL QUERY` on this connection from a second one. Stops when dropped.
+    pub fn interrupt_on(&mut self, cancel: &Cancel, creds: &Credentials) -> Result<Watcher> {
+        let id: u64 = self
+            .conn
+            .query_first("SELECT CONNECTION_ID()")
+            .map_err(|e| Server::fail("SELECT CONNECTION_ID()", e))?
+            .unwrap_or_default();
+        let (guard, cancel, creds) = (self.guard.clone(), cancel.clone(), creds.clone());
+        let done = Arc::new(AtomicBool::new(false));
+        let stop = done.clone();
+        let thread = std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if cancel.check().is_err()
+                    && guard.in_statement.load(Ordering::SeqCst)
+                    && !guard.killed.swap(true, Ordering::SeqCst)
+                {
+                    match Server::connect(&creds)
+                        .and_then(|mut s| s.exec(&format!("KILL QUERY {id}")))
+                    {
+                        Ok(()) => info!(
+                            "Interrupted the statement the server was running for this backup"
+                        ),
+                        Err(e) => warn!("Could not interrupt the running statement: {e}"),
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Ok(Watcher {
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `f` with the statement marked as in flight (a signal may then kill it).
+    fn guarded<T>(&mut self, f: impl FnOnce(&mut Conn) -> mysql::Result<T>) -> mysql::Result<T> {
+        self.guard.in_statement.store(true, Ordering::SeqCst);
+        let result = f(&mut self.conn);
+        self.guard.in_statement.store(false, Ordering::SeqCst);
+        result
     }
 
     /// A BACKUP STAGE step, waiting at most `timeout` for running statements.
     pub fn backup_stage(&mut self, stage: &str, timeout: u64) -> Result<()> {
         self.exec(&format!("SET SESSION lock_wait_timeout = {timeout}"))?;
         let sql = format!("BACKUP STAGE {stage}");
-        self.conn.query_drop(&sql).map_err(|e| match &e {
+        self.guarded(|c| c.query_drop(&sql)).map_err(|e| match &e {
             mysql::Error::MySqlError(me) if me.code == 1205 => Error::Server(format!(
                 "{sql} waited {timeout} s for running statements (a long DDL, LOCK TABLES, a stuck \
                  transaction?) and gave up. Retry when they are done{}",
@@ -98,7 +203,8 @@ impl Server {
     }
 
     pub fn exec(&mut self, sql: &str) -> Result<()> {
-        self.conn.query_drop(sql).map_err(|e| Server::fail(sql, e))
+        self.guarded(|c| c.query_drop(sql))
+            .map_err(|e| Server::fail(sql, e))
     }
 
     fn value(&mut self, sql: &str) -> Result<Option<String>> {
@@ -135,11 +241,14 @@ impl Server {
             .value("SELECT CURRENT_ROLE()")?
             .map(|r| format!("'{r}'"))
             .unwrap_or_default();
+        // Global privileges, and SELECT on the mysql schema (as `SELECT ON mysql`).
         let granted: Vec<String> = self
             .conn
             .exec(
-                "SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES WHERE GRANTEE IN (?, ?)",
-                (grantee.as_str(), role.as_str()),
+                "SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES WHERE GRANTEE IN (?, ?)
+                 UNION SELECT CONCAT(PRIVILEGE_TYPE, ' ON mysql') FROM information_schema.SCHEMA_PRIVILEGES
+                 WHERE GRANTEE IN (?, ?) AND TABLE_SCHEMA = 'mysql'",
+                (grantee.as_str(), role.as_str(), grantee.as_str(), role.as_str()),
             )
             .map_err(|e| Server::fail("reading privileges", e))?;
         let missing: Vec<String> = PRIVILEGES
@@ -162,14 +271,21 @@ impl Server {
     }
 
     pub fn info(&mut self) -> Result<ServerInfo> {
-        type Row = (String, String, String, String, Option<String>);
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+        );
         let row: Option<Row> = self
             .conn
             .query_first(
-                "SELECT @@version, @@hostname, @@datadir, @@rocksdb_datadir, @@rocksdb_wal_dir",
+                "SELECT @@version, @@hostname, @@datadir, @@rocksdb_datadir, @@rocksdb_wal_dir, @@aria_log_dir_path",
             )
             .map_err(|e| Server::fail("reading server variables", e))?;
-        let (version, hostname, datadir, rocksdb_datadir, wal_dir) =
+        let (version, hostname, datadir, rocksdb_datadir, wal_dir, aria_dir) =
             row.ok_or_else(|| Error::Server("the server returned no variables".into()))?;
         let datadir = PathBuf::from(datadir);
         let rocksdb_datadir = datadir.join(rocksdb_datadir);
@@ -177,22 +293,61 @@ impl Server {
             Some(w) => datadir.join(w),
             None => rocksdb_datadir.clone(),
         };
+        let aria_log_dir = datadir.join(aria_dir.unwrap_or_default());
+        let innodb = self.value(
+            "SELECT SUPPORT IN ('YES', 'DEFAULT') FROM information_schema.ENGINES WHERE ENGINE = 'InnoDB'",
+        )?;
         Ok(ServerInfo {
             version,
             hostname,
             datadir: normalize(&datadir),
             rocksdb_datadir: normalize(&rocksdb_datadir),
             rocksdb_wal_dir: normalize(&rocksdb_wal_dir),
+            aria_log_dir: normalize(&aria_log_dir),
+            innodb: innodb.as_deref() == Some("1"),
         })
+    }
+
+    /// The replication state, or None when the server replicates from no source and has
+    /// no replication position.
+    pub fn replica_state(&mut self) -> Result<Option<ReplicaState>> {
+        let rows: Vec<mysql::Row> = self
+            .conn
+            .query("SHOW ALL SLAVES STATUS")
+            .map_err(|e| Server::fail("SHOW ALL SLAVES STATUS", e))?;
+        let text = |r: &mysql::Row, col: &str| -> String {
+            r.get_opt::<String, _>(col)
+                .and_then(|v| v.ok())
+                .unwrap_or_default()
+        };
+        let connections: Vec<ReplicaConnection> = rows
+            .iter()
+            .map(|r| ReplicaConnection {
+                name: text(r, "Connection_name"),
+                master_host: text(r, "Master_Host"),
+                master_port: text(r, "Master_Port").parse().unwrap_or(0),
+                relay_master_log_file: text(r, "Relay_Master_Log_File"),
+                exec_master_log_pos: text(r, "Exec_Master_Log_Pos").parse().unwrap_or(0),
+                using_gtid: text(r, "Using_Gtid"),
+            })
+            .collect();
+        let gtid_slave_pos = self.value("SELECT @@gtid_slave_pos")?.unwrap_or_default();
+        if connections.is_empty() && gtid_slave_pos.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(ReplicaState {
+            gtid_slave_pos,
+            connections,
+        }))
     }
 
     /// Creates a RocksDB checkpoint (the server flushes its memtables first).
     pub fn create_checkpoint(&mut self, dir: &Path) -> Result<()> {
-        let sql = format!(
-            "SET GLOBAL rocksdb_create_checkpoint = {}",
-            quote(&dir.to_string_lossy())
-        );
-        self.exec(&sql)
+        // A parameter, not a literal: no quoting that depends on the sql_mode.
+        let sql = "SET GLOBAL rocksdb_create_checkpoint = ?";
+        let path = dir.to_string_lossy().into_owned();
+        self.guarded(|c| c.exec_drop(sql, (path,)))
+            .map_err(|e| Server::fail(&format!("creating checkpoint {}", dir.display()), e))
     }
 
     /// Flushes RocksDB's memtables, so that a checkpoint right after has little to flush.
@@ -202,7 +357,7 @@ impl Server {
 
     /// `SHOW CREATE TABLE` of `db`.`table`.
     pub fn create_table_sql(&mut self, db: &str, table: &str) -> Result<String> {
-        let sql = format!("SHOW CREATE TABLE `{db}`.`{table}`");
+        let sql = format!("SHOW CREATE TABLE {}.{}", ident(db), ident(table));
         let row: Option<(String, String)> = self
             .conn
             .query_first(&sql)
@@ -237,9 +392,9 @@ impl Server {
     }
 }
 
-/// A single-quoted SQL string literal.
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+/// A quoted SQL identifier (backticks mean the same in every sql_mode).
+fn ident(s: &str) -> String {
+    format!("`{}`", s.replace('`', "``"))
 }
 
 /// Removes `.` components and trailing slashes (the server reports `/var/lib/mysql/./#rocksdb`).

@@ -1,0 +1,212 @@
+//! Copies, in the run's scratch directory, of files the server writes until commits are
+//! blocked: the Aria log and its control file, and the statistics and log tables of `mysql`.
+//! They must be taken while commits are blocked, and that block is a write stall, so a log
+//! that only grows is copied in two steps: all but its tail before the block, the tail
+//! under it. A log's last pages are rewritten in place as they fill, so the part copied
+//! early stops [`TAIL`] bytes short of the end, and under the block the last stretch of
+//! that part is read again and compared: if it changed, the whole file is copied again.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::datadir::DatadirFile;
+use crate::error::{IoContext, Result};
+use crate::warn;
+
+/// What is left to copy under the block: Aria writes its log through buffers of up to
+/// 1 MiB whose last page is rewritten until full.
+const TAIL: u64 = 2 << 20;
+/// How much of the early copy is read again under the block.
+const RECHECK: u64 = 256 << 10;
+
+/// A file copied aside, or being copied.
+struct Copy {
+    source: PathBuf,
+    copy: PathBuf,
+    /// Bytes copied before the block.
+    early: u64,
+}
+
+/// The files copied aside, by their name in the backup.
+pub struct Aside {
+    dir: PathBuf,
+    copies: BTreeMap<String, Copy>,
+}
+
+impl Aside {
+    pub fn new(dir: PathBuf) -> Aside {
+        Aside {
+            dir,
+            copies: BTreeMap::new(),
+        }
+    }
+
+    /// Before the block: copies all of a growing log but its tail. Returns the bytes copied.
+    pub fn copy_early(&mut self, f: &DatadirFile) -> Result<u64> {
+        let copy = self.scratch_path(&f.name);
+        let size = fs::metadata(&f.source).with_path("stat", &f.source)?.len();
+        let early = size.saturating_sub(TAIL);
+        let mut out = File::create(&copy).with_path("create", &copy)?;
+        let mut src = File::open(&f.source).with_path("open", &f.source)?;
+        let copied =
+            std::io::copy(&mut (&mut src).take(early), &mut out).with_path("copy", &f.source)?;
+        self.copies.insert(
+            f.name.clone(),
+            Copy {
+                source: f.source.clone(),
+                copy,
+                early: copied,
+            },
+        );
+        Ok(copied)
+    }
+
+    /// Under the block: completes the early copies of `files` and copies the others whole.
+    /// Early copies of files that no longer exist (a purged log) are dropped.
+    pub fn copy_under_block(&mut self, files: &[DatadirFile]) -> Result<()> {
+        let wanted: Vec<&String> = files.iter().map(|f| &f.name).collect();
+        let gone: Vec<String> = self
+            .copies
+            .keys()
+            .filter(|name| !wanted.contains(name))
+            .cloned()
+            .collect();
+        for name in gone {
+            let c = self.copies.remove(&name).expect("listed");
+            fs::remove_file(&c.copy).with_path("remove", &c.copy)?;
+        }
+        for f in files {
+            match self.copies.get(&f.name) {
+                Some(c) => complete(c)?,
+                None => {
+                    let copy = self.scratch_path(&f.name);
+                    fs::copy(&f.source, &copy).with_path("copy", &f.source)?;
+                    self.copies.insert(
+                        f.name.clone(),
+                        Copy {
+                            source: f.source.clone(),
+                            copy,
+                            early: 0,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The copies, as files to send under their names in the backup.
+    pub fn files(&self) -> Vec<DatadirFile> {
+        self.copies
+            .iter()
+            .map(|(name, c)| DatadirFile {
+                source: c.copy.clone(),
+                name: name.clone(),
+            })
+            .collect()
+    }
+
+    fn scratch_path(&self, name: &str) -> PathBuf {
+        self.dir.join(name.replace('/', "@"))
+    }
+}
+
+/// Appends what a file gained since its early copy, after checking that the end of the
+/// early copy is still what the file holds there; if not, copies the whole file again.
+fn complete(c: &Copy) -> Result<()> {
+    let mut src = File::open(&c.source).with_path("open", &c.source)?;
+    let from = c.early.saturating_sub(RECHECK);
+    if !same_bytes(&mut src, &c.copy, from, c.early - from)? {
+        warn!(
+            "{} changed before the end of its early copy: copied it again while commits were blocked",
+            c.source.display()
+        );
+        fs::copy(&c.source, &c.copy).with_path("copy", &c.source)?;
+        return Ok(());
+    }
+    src.seek(SeekFrom::Start(c.early))
+        .with_path("seek in", &c.source)?;
+    let mut out = fs::OpenOptions::new()
+        .append(true)
+        .open(&c.copy)
+        .with_path("open", &c.copy)?;
+    std::io::copy(&mut src, &mut out).with_path("copy", &c.source)?;
+    out.flush().with_path("write", &c.copy)
+}
+
+/// True when `src` and the file at `copy` hold the same `len` bytes from `offset`.
+fn same_bytes(src: &mut File, copy: &Path, offset: u64, len: u64) -> Result<bool> {
+    let read_at = |f: &mut File, what: &Path| -> Result<Vec<u8>> {
+        let mut buf = vec![0; len as usize];
+        f.seek(SeekFrom::Start(offset)).with_path("seek in", what)?;
+        let got = crate::source::read_full(f, &mut buf).with_path("read", what)?;
+        buf.truncate(got);
+        Ok(buf)
+    };
+    let theirs = read_at(src, copy)?;
+    let ours = read_at(&mut File::open(copy).with_path("open", copy)?, copy)?;
+    Ok(theirs == ours)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(dir: &Path, name: &str, data: &[u8]) -> DatadirFile {
+        fs::write(dir.join(name), data).unwrap();
+        DatadirFile {
+            source: dir.join(name),
+            name: name.to_string(),
+        }
+    }
+
+    #[test]
+    fn early_copy_plus_tail_equals_the_file_at_the_block() {
+        let src = tempfile::tempdir().unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..(5u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let log = file(src.path(), "aria_log.00000001", &big);
+        let old = file(src.path(), "aria_log.00000000", b"purged later");
+        let mut aside = Aside::new(scratch.path().to_path_buf());
+        assert_eq!(aside.copy_early(&log).unwrap(), (5 << 20) - TAIL);
+        aside.copy_early(&old).unwrap();
+
+        // The log grows and its last page is rewritten; a control file appears; the old
+        // log is purged.
+        let mut grown = big.clone();
+        let last = grown.len() - 100;
+        grown[last] ^= 0xff;
+        grown.extend_from_slice(b"appended under the block");
+        fs::write(&log.source, &grown).unwrap();
+        fs::remove_file(&old.source).unwrap();
+        let control = file(src.path(), "aria_log_control", b"control");
+        aside.copy_under_block(&[log.clone(), control]).unwrap();
+
+        let files = aside.files();
+        let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["aria_log.00000001", "aria_log_control"]);
+        assert_eq!(fs::read(&files[0].source).unwrap(), grown);
+        assert_eq!(fs::read(&files[1].source).unwrap(), b"control");
+    }
+
+    #[test]
+    fn a_change_inside_the_early_copy_copies_the_whole_file_again() {
+        let src = tempfile::tempdir().unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let big = vec![7u8; 4 << 20];
+        let log = file(
+            src.path(),
+            "mysql/general_log.CSV".replace('/', "_").as_str(),
+            &big,
+        );
+        let mut aside = Aside::new(scratch.path().to_path_buf());
+        aside.copy_early(&log).unwrap();
+        let mut changed = big.clone();
+        changed[(2 << 20) - 10] = 1; // inside the early copy's last stretch
+        fs::write(&log.source, &changed).unwrap();
+        aside.copy_under_block(std::slice::from_ref(&log)).unwrap();
+        assert_eq!(fs::read(&aside.files()[0].source).unwrap(), changed);
+    }
+}

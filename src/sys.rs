@@ -1,0 +1,108 @@
+//! The few system calls the tool needs that the standard library does not offer, each
+//! behind a safe function: free space, `syncfs`, the host name, the effective user, and
+//! scrubbing a password from the process's command line.
+
+use std::ffi::{c_char, c_int, CStr};
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+use crate::error::{Error, IoContext, Result};
+
+/// Free bytes (for an unprivileged user) and total bytes of the filesystem holding `path`.
+pub fn free_space(path: &Path) -> Result<(u64, u64)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::Usage(format!("{} holds a NUL byte", path.display())))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(Error::io(
+            format!("cannot read the free space of {}", path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let unit = st.f_frsize as u64;
+    Ok((st.f_bavail as u64 * unit, st.f_blocks as u64 * unit))
+}
+
+/// Flushes the whole filesystem holding `path` to disk.
+pub fn syncfs(path: &Path) -> Result<()> {
+    let f = File::open(path).with_path("open", path)?;
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(Error::io(
+            format!("cannot sync {}", path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// This host's name, or "" if it cannot be read.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The process's own argument vector, as the C runtime passed it (glibc calls the functions
+/// of `.init_array` with argc and argv, as it does for the standard library's own copy).
+static ARGC: AtomicUsize = AtomicUsize::new(0);
+static ARGV: AtomicPtr<*mut c_char> = AtomicPtr::new(std::ptr::null_mut());
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static CAPTURE_ARGV: extern "C" fn(c_int, *mut *mut c_char, *mut *mut c_char) = capture_argv;
+
+extern "C" fn capture_argv(argc: c_int, argv: *mut *mut c_char, _env: *mut *mut c_char) {
+    ARGC.store(argc.max(0) as usize, Ordering::Relaxed);
+    ARGV.store(argv, Ordering::Relaxed);
+}
+
+/// Overwrites, in the memory `ps` and `/proc/PID/cmdline` show, every password given on the
+/// command line (`--password=PW`, `--password PW`, `-pPW`, `-p PW`) with `x`, as the MySQL
+/// client tools do. Other users could read it there; after this they read `xxxx`.
+pub fn scrub_password_args() {
+    let argv = ARGV.load(Ordering::Relaxed);
+    if argv.is_null() {
+        return;
+    }
+    let argc = ARGC.load(Ordering::Relaxed);
+    let mut next_is_password = false;
+    for i in 1..argc {
+        // SAFETY: argv holds argc valid, NUL-terminated, writable strings for the life of
+        // the process; only their bytes are changed, never their length.
+        let arg = unsafe { *argv.add(i) };
+        if arg.is_null() {
+            break;
+        }
+        let bytes = unsafe { CStr::from_ptr(arg) }.to_bytes();
+        if bytes == b"--" {
+            break;
+        }
+        let secret_from = if std::mem::take(&mut next_is_password) && !bytes.starts_with(b"-") {
+            Some(0)
+        } else if let Some(value) = bytes.strip_prefix(b"--password=") {
+            Some(bytes.len() - value.len())
+        } else if bytes == b"--password" || bytes == b"-p" {
+            next_is_password = true;
+            None
+        } else if bytes.starts_with(b"-p") && !bytes.starts_with(b"--") {
+            Some(2)
+        } else {
+            None
+        };
+        if let Some(from) = secret_from {
+            for k in from..bytes.len() {
+                unsafe { *arg.add(k) = b'x' as c_char };
+            }
+        }
+    }
+}
