@@ -131,8 +131,11 @@ impl Server {
             guard: Arc::new(Guard::default()),
         };
         // Rounds send data for minutes without a query: the connection must not time out;
-        // and no server-wide statement limit may cut a BACKUP STAGE or checkpoint short.
-        server.exec("SET SESSION wait_timeout = 31536000, max_statement_time = 0")?;
+        // no server-wide statement limit may cut a BACKUP STAGE or checkpoint short; and
+        // SHOW CREATE TABLE must quote with backticks whatever the server's sql_mode (the
+        // restore's bootstrap reads it with the default mode).
+        server
+            .exec("SET SESSION wait_timeout = 31536000, max_statement_time = 0, sql_mode = ''")?;
         Ok(server)
     }
 
