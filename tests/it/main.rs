@@ -9,4 +9,5 @@ mod bench_smoke;
 mod extract_safety;
 mod failures;
 mod properties;
+mod safety;
 mod sandbox_harness;
