@@ -4,6 +4,7 @@
 //! panics). Missing server binaries are a loud failure naming the install command.
 
 pub mod workload;
+pub mod zoo;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -88,6 +89,12 @@ impl Server {
 
     /// Like [`Server::start`], with extra server options (`--rocksdb-...=...`).
     pub fn start_with(extra: &[&str]) -> Server {
+        Server::start_split(extra, extra)
+    }
+
+    /// Like [`Server::start_with`], with options for the installation and others for the
+    /// server's run (a datadir installed with InnoDB, run with `--skip-innodb`, say).
+    pub fn start_split(install_extra: &[&str], extra: &[&str]) -> Server {
         let home = tempfile::Builder::new()
             .prefix("sandbox-")
             .tempdir()
@@ -104,7 +111,7 @@ impl Server {
             .arg("--auth-root-authentication-method=normal")
             .arg("--skip-test-db")
             .args(SERVER_ARGS)
-            .args(extra);
+            .args(install_extra);
         if is_root() {
             install.arg("--user=root");
         }
@@ -240,6 +247,26 @@ impl Server {
             Some(mysql::Value::NULL) | None => "NULL".into(),
             Some(v) => mysql::from_value::<String>(v.clone()),
         }
+    }
+
+    /// Every row of a query, each value as a string (NULL as "NULL").
+    pub fn rows(&self, sql: &str) -> Vec<Vec<String>> {
+        let rows: Vec<mysql::Row> = self
+            .conn()
+            .query(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        rows.into_iter()
+            .map(|row| {
+                row.unwrap()
+                    .into_iter()
+                    .map(|v| match v {
+                        mysql::Value::NULL => "NULL".into(),
+                        mysql::Value::Bytes(b) => String::from_utf8_lossy(&b).into_owned(),
+                        other => other.as_sql(true),
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// `CHECKSUM TABLE` and row count of every base table of `db`, by table name.

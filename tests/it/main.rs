@@ -9,5 +9,6 @@ mod bench_smoke;
 mod extract_safety;
 mod failures;
 mod properties;
+mod replica;
 mod safety;
 mod sandbox_harness;
