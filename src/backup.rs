@@ -39,6 +39,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::manifest::{self, Manifest};
 use crate::server::{BinlogPosition, ReplicaState, Server, ServerInfo};
 use crate::source::{FileReader, FileRecord};
+use crate::wal::{WalFile, WalPins};
 use crate::{info, warn};
 
 /// Where RocksDB files go in the backup.
@@ -352,6 +353,8 @@ fn check_innodb(user_tables: &[String], skip: bool) -> Result<()> {
 /// What the consistent point produced.
 struct ConsistentPoint {
     checkpoint: PathBuf,
+    /// The WAL files up to the consistent point (from the checkpoint or pinned live ones).
+    wal: Vec<WalFile>,
     /// The Aria log and the statistics and log tables, as they were under the block.
     aside: Aside,
     binlog: Option<BinlogPosition>,
@@ -526,16 +529,46 @@ impl Job<'_> {
             human(early)
         );
         self.cancel.check()?;
-        server.flush_memtables()?;
+        // The final checkpoint, before commits are blocked: under the block only the
+        // WAL's end is recorded (see `wal`), so the stall does not grow with the SSTs.
         let checkpoint = area.checkpoint_path("final");
+        let step = Instant::now();
+        server.create_checkpoint(&checkpoint)?;
+        let pins = WalPins::pin(&info.rocksdb_wal_dir, &checkpoint, area.scratch_dir("wal")?)?;
+        info!(
+            "Created the final checkpoint at {} in {:.1} ms",
+            checkpoint.display(),
+            step.elapsed().as_secs_f64() * 1e3
+        );
 
+        let early = area.checkpoint_path("final-early");
         let commits_blocked = Instant::now();
         server.backup_stage("BLOCK_COMMIT", timeout.min(10))?;
         let mut steps = vec![("waiting for commits in flight", commits_blocked.elapsed())];
         let blocked = (|| -> Result<_> {
             let step = Instant::now();
-            server.create_checkpoint(&checkpoint)?;
-            steps.push(("checkpoint", step.elapsed()));
+            let fallback = match pins {
+                Ok(mut pins) => {
+                    match pins.record_under_block(&info.rocksdb_datadir, &checkpoint)? {
+                        None => Ok(pins),
+                        Some(why) => Err(why),
+                    }
+                }
+                Err(why) => Err(why),
+            };
+            steps.push(("WAL sizes", step.elapsed()));
+            let pins = match fallback {
+                Ok(pins) => Some(pins),
+                Err(why) => {
+                    let step = Instant::now();
+                    // Set aside (a rename), removed once commits flow again.
+                    fs::rename(&checkpoint, &early).with_path("rename", &checkpoint)?;
+                    server.create_checkpoint(&checkpoint)?;
+                    steps.push(("checkpoint again", step.elapsed()));
+                    info!("Took the final checkpoint again while commits were blocked: {why}");
+                    None
+                }
+            };
             let step = Instant::now();
             let binlog = server.binlog_position()?;
             let replica = server.replica_state()?;
@@ -545,7 +578,7 @@ impl Job<'_> {
             late.extend(sel.late_table_data.iter().cloned());
             aside.copy_under_block(&late)?;
             steps.push(("Aria log, statistics and log tables", step.elapsed()));
-            Ok((binlog, replica))
+            Ok((binlog, replica, pins))
         })();
         server.exec("BACKUP STAGE END")?;
         let commit_stall_ms = commits_blocked.elapsed().as_secs_f64() * 1e3;
@@ -558,7 +591,17 @@ impl Job<'_> {
             parts.join(", ")
         );
         let ddl_block_ms = ddl_blocked.elapsed().as_secs_f64() * 1e3;
-        let (binlog, replica) = blocked?;
+        if early.exists() {
+            // The early checkpoint and its WAL pins are not needed after all.
+            fs::remove_dir_all(&early).with_path("remove checkpoint", &early)?;
+            let pins = area.checkpoint_path("wal");
+            fs::remove_dir_all(&pins).with_path("remove", &pins)?;
+        }
+        let (binlog, replica, pins) = blocked?;
+        let wal = match pins {
+            Some(pins) => pins.files(&checkpoint)?,
+            None => WalPins::checkpoint_files(&checkpoint)?,
+        };
         if !sel
             .innodb_system_tables
             .iter()
@@ -570,6 +613,7 @@ impl Job<'_> {
         }
         Ok(ConsistentPoint {
             checkpoint,
+            wal,
             aside,
             binlog,
             replica,
@@ -608,19 +652,25 @@ impl Job<'_> {
             .cloned()
             .collect();
         obsolete.sort();
+        info!("Backup WAL..");
+        for w in &point.wal {
+            let record = self.reader.send_prefix(
+                &w.source,
+                &format!("{ROCKSDB_DIR}/{}", w.name),
+                Some(w.size),
+                self.dest,
+            )?;
+            self.records.push(record);
+        }
         let mut rest: Vec<&String> = listing
             .iter()
             .map(|(name, _)| name)
-            .filter(|n| !n.ends_with(".sst"))
+            .filter(|n| !n.ends_with(".sst") && !n.ends_with(".log"))
             .collect();
         // CURRENT last: it names the MANIFEST, which must be complete before it.
         rest.sort_by_key(|n| (rocksdb_file_order(n), *n));
-        info!("Backup WAL..");
-        let mut wal = true;
+        info!("Backup Manifest..");
         for name in &rest {
-            if std::mem::replace(&mut wal, rocksdb_file_order(name) == 0) && !wal {
-                info!("Backup Manifest..");
-            }
             self.send(&dir.join(name), &format!("{ROCKSDB_DIR}/{name}"))?;
         }
         fs::remove_dir_all(dir).with_path("remove checkpoint", dir)?;
@@ -644,7 +694,6 @@ fn list_checkpoint(dir: &Path) -> Result<Vec<(String, u64)>> {
 
 fn rocksdb_file_order(name: &str) -> u8 {
     match name {
-        n if n.ends_with(".log") => 0,
         n if n.starts_with("OPTIONS") => 1,
         n if n.starts_with("MANIFEST") => 2,
         "CURRENT" => 4,

@@ -25,3 +25,4 @@ pub mod restore;
 pub mod server;
 pub mod source;
 pub mod sys;
+pub mod wal;

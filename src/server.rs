@@ -353,11 +353,6 @@ impl Server {
             .map_err(|e| Server::fail(&format!("creating checkpoint {}", dir.display()), e))
     }
 
-    /// Flushes RocksDB's memtables, so that a checkpoint right after has little to flush.
-    pub fn flush_memtables(&mut self) -> Result<()> {
-        self.exec("SET GLOBAL rocksdb_force_flush_memtable_now = 1")
-    }
-
     /// `SHOW CREATE TABLE` of `db`.`table`.
     pub fn create_table_sql(&mut self, db: &str, table: &str) -> Result<String> {
         let sql = format!("SHOW CREATE TABLE {}.{}", ident(db), ident(table));

@@ -54,6 +54,18 @@ impl FileReader {
         path: &str,
         dest: &mut dyn Destination,
     ) -> Result<FileRecord> {
+        self.send_prefix(src, path, None, dest)
+    }
+
+    /// Like [`FileReader::send`], sending only the first `size` bytes when given (a log
+    /// that goes on growing, sent up to a recorded point).
+    pub fn send_prefix(
+        &mut self,
+        src: &Path,
+        path: &str,
+        size: Option<u64>,
+        dest: &mut dyn Destination,
+    ) -> Result<FileRecord> {
         let mut file = File::open(src).with_path("open", src)?;
         let md = file.metadata().with_path("stat", src)?;
         if !md.is_file() {
@@ -62,11 +74,18 @@ impl FileReader {
                 src.display()
             )));
         }
+        if size.is_some_and(|s| s > md.len()) {
+            return Err(Error::Refused(format!(
+                "{} is shorter than the {} bytes recorded for it",
+                src.display(),
+                size.unwrap_or_default()
+            )));
+        }
         // Sequential read-ahead; a failure here only costs speed.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
         let meta = FileMeta {
             path: path.to_string(),
-            size: md.len(),
+            size: size.unwrap_or(md.len()),
             mode: md.mode() & 0o7777,
             mtime: md.mtime(),
             uid: md.uid(),
