@@ -376,6 +376,144 @@ fn machine() -> String {
     )
 }
 
+/// The commit stall against the number of SSTs: this tool (final checkpoint before the
+/// block, WAL brought forward under it), the design before (the checkpoint created while
+/// commits are blocked, timed with the same statements), and mariabackup.
+fn stall_section(opts: &Options, tool: &Path, work: &Path, path: &str) -> String {
+    let mut t = String::from(
+        "\n## Commit stall against the number of SSTs\n\n\
+         \"checkpoint under the block\" is the design before: `BACKUP STAGE BLOCK_COMMIT`, the RocksDB \
+         checkpoint, `BACKUP STAGE END`, timed from the client (memtables flushed just before). \
+         \"ours\" is the tool's own figure (BLOCK_COMMIT issued to END done). \"longest commit\" is the \
+         slowest single-row commit of the probe during the whole run. Medians of the runs.\n\n\
+         | SSTs | checkpoint under the block, ms | ours, ms | ours: longest commit ms | mariabackup: longest commit ms |\n\
+         |---|---|---|---|---|\n",
+    );
+    for target in [2_000u64, 10_000] {
+        let target = ((target as f64 * opts.scale) as u64).max(20);
+        let server = Server::start();
+        let ssts = many_ssts(&server, target);
+        eprintln!("stall data set: {ssts} SST files");
+        let (mut before, mut ours, mut ours_commit, mut mb_commit) =
+            (vec![], vec![], vec![], vec![]);
+        let mb_target = work.join("stall-mariabackup");
+        for run in 0..opts.runs {
+            eprintln!(
+                "  run {}/{}: commit stall at {ssts} SSTs",
+                run + 1,
+                opts.runs
+            );
+            before.push(stall_before(
+                &server,
+                &work.join(format!("stall-ckpt-{run}")),
+            ));
+            let probe = StallProbe::start(&server);
+            let out = Command::new(tool)
+                .args(["backup", "--stream", "tar", "--user", "root", "--socket"])
+                .arg(&server.socket)
+                .stdout(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            ours_commit.push(probe.stop().as_secs_f64() * 1e3);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ours.push(stall_logged(&String::from_utf8_lossy(&out.stderr)));
+            let probe = StallProbe::start(&server);
+            measure(
+                &format!(
+                    "mkdir -p {t} && mariabackup --backup --stream=xbstream --user=root --socket={} \
+                     --target-dir={t} 2>/dev/null > /dev/null; rm -rf {t}",
+                    server.socket.display(),
+                    t = mb_target.display()
+                ),
+                path,
+            );
+            mb_commit.push(probe.stop().as_secs_f64() * 1e3);
+        }
+        let _ = writeln!(
+            t,
+            "| {ssts} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            median(before),
+            median(ours),
+            median(ours_commit),
+            median(mb_commit)
+        );
+    }
+    t
+}
+
+/// Loads one table through `n` bulk-load sessions (one SST each) over four connections.
+fn many_ssts(server: &Server, n: u64) -> usize {
+    server.exec("CREATE DATABASE stall");
+    let threads: Vec<_> = (0..4u64)
+        .map(|c| {
+            let mut conn = mysql::Conn::new(server.opts("root").db_name(Some("stall"))).unwrap();
+            std::thread::spawn(move || {
+                conn.query_drop(format!(
+                    "CREATE TABLE t{c} (id INT PRIMARY KEY, pad VARBINARY(200)) ENGINE=ROCKSDB"
+                ))
+                .unwrap();
+                for i in (c..n).step_by(4) {
+                    conn.query_drop(format!(
+                        "SET SESSION rocksdb_bulk_load = 1; \
+                         INSERT INTO t{c} SELECT seq + {}, RANDOM_BYTES(100) FROM seq_1_to_50; \
+                         SET SESSION rocksdb_bulk_load = 0",
+                        i * 50
+                    ))
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    fs::read_dir(server.datadir.join("#rocksdb"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".sst")
+        })
+        .count()
+}
+
+/// The design before: the checkpoint created while commits are blocked. Returns the stall.
+fn stall_before(server: &Server, dir: &Path) -> f64 {
+    let mut conn = server.conn();
+    for sql in [
+        "BACKUP STAGE START",
+        "BACKUP STAGE FLUSH",
+        "BACKUP STAGE BLOCK_DDL",
+        "SET GLOBAL rocksdb_force_flush_memtable_now = 1",
+    ] {
+        conn.query_drop(sql).unwrap();
+    }
+    let blocked = Instant::now();
+    conn.query_drop("BACKUP STAGE BLOCK_COMMIT").unwrap();
+    conn.exec_drop(
+        "SET GLOBAL rocksdb_create_checkpoint = ?",
+        (dir.to_string_lossy().into_owned(),),
+    )
+    .unwrap();
+    conn.query_drop("BACKUP STAGE END").unwrap();
+    let stall = blocked.elapsed().as_secs_f64() * 1e3;
+    fs::remove_dir_all(dir).unwrap();
+    stall
+}
+
+/// The stall the tool logs: "commits were blocked for X ms".
+fn stall_logged(log: &str) -> f64 {
+    let after = log
+        .split("commits were blocked for ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no commit stall in the log:\n{log}"));
+    after.split(' ').next().unwrap().parse().unwrap()
+}
+
 fn main() {
     let opts = options();
     let tool = built_binary("myrocks-hotbackup");
@@ -448,6 +586,7 @@ fn main() {
         fs::remove_file(&xb).unwrap();
         fs::remove_file(&tar).unwrap();
     }
+    report.push_str(&stall_section(&opts, &tool, work.path(), &path));
     if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).unwrap();
     }

@@ -46,4 +46,14 @@ fn the_benchmark_runs_every_case_on_tiny_data() {
         text.contains("## large files") && text.contains("## many files"),
         "{text}"
     );
+    assert!(
+        text.contains("## Commit stall against the number of SSTs"),
+        "{text}"
+    );
+    let stall = text.split("## Commit stall").nth(1).unwrap();
+    let rows = stall
+        .lines()
+        .filter(|l| l.starts_with("| ") && l[2..].starts_with(|c: char| c.is_ascii_digit()))
+        .count();
+    assert_eq!(rows, 2, "one row per SST count:\n{stall}");
 }
