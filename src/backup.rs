@@ -115,6 +115,8 @@ fn backup(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Resu
     let _watcher = server.interrupt_on(&cancel, &creds)?;
     server.check_rocksdb()?;
     server.check_privileges()?;
+    // The backup's own statements stay out of the general log (a log table it copies).
+    server.exec("SET SESSION sql_log_off = 1")?;
     // Every statement the run needs, tried now rather than after hours of rounds.
     server.replica_state()?;
     let mut info = server.info()?;
@@ -546,6 +548,12 @@ impl Job<'_> {
         server.backup_stage("BLOCK_COMMIT", timeout.min(10))?;
         let mut steps = vec![("waiting for commits in flight", commits_blocked.elapsed())];
         let blocked = (|| -> Result<_> {
+            // First what the server flushed and closed for the block: the log tables.
+            let step = Instant::now();
+            let mut late = datadir::aria_logs(&info.aria_log_dir)?;
+            late.extend(sel.late_table_data.iter().cloned());
+            aside.copy_under_block(&late)?;
+            steps.push(("Aria log, statistics and log tables", step.elapsed()));
             let step = Instant::now();
             let fallback = match pins {
                 Ok(mut pins) => {
@@ -573,11 +581,6 @@ impl Job<'_> {
             let binlog = server.binlog_position()?;
             let replica = server.replica_state()?;
             steps.push(("coordinates", step.elapsed()));
-            let step = Instant::now();
-            let mut late = datadir::aria_logs(&info.aria_log_dir)?;
-            late.extend(sel.late_table_data.iter().cloned());
-            aside.copy_under_block(&late)?;
-            steps.push(("Aria log, statistics and log tables", step.elapsed()));
             Ok((binlog, replica, pins))
         })();
         server.exec("BACKUP STAGE END")?;
@@ -598,6 +601,7 @@ impl Job<'_> {
             fs::remove_dir_all(&pins).with_path("remove", &pins)?;
         }
         let (binlog, replica, pins) = blocked?;
+        aside.seal_csv_tables()?;
         let wal = match pins {
             Some(pins) => pins.files(&checkpoint)?,
             None => WalPins::checkpoint_files(&checkpoint)?,

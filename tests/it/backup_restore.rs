@@ -214,11 +214,70 @@ fn the_original_invocation_backs_up_and_moves_back() {
     let tmp = tempfile::tempdir().unwrap();
     let snap = tmp.path().join("snap");
     let stream = tmp.path().join("b.tar");
-    let mut cmd = std::process::Command::new(bin());
-    cmd.args(["--user=root", "--stream=tar", "--interval=5"])
+    let copy_log = tmp.path().join("copy_log");
+    let signal = tmp.path().join("signal");
+    // As MariaDB's rocksdb_hotbackup suite does (create_table.sh): once the last line of the
+    // log says the backup is waiting, create a table, then create the signal file.
+    let ddl = {
+        let (copy_log, signal) = (copy_log.clone(), signal.clone());
+        let opts = source.opts("root").db_name(Some("o"));
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let log = std::fs::read_to_string(&copy_log).unwrap_or_default();
+                if log
+                    .lines()
+                    .last()
+                    .is_some_and(|l| l.contains("Waiting until"))
+                {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "never waited:\n{log}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let mut c = mysql::Conn::new(opts).unwrap();
+            c.query_drop(
+                "CREATE TABLE r10 (id INT PRIMARY KEY) ENGINE=ROCKSDB; INSERT INTO r10 VALUES (10)",
+            )
+            .unwrap();
+            std::fs::File::create(&signal).unwrap();
+        })
+    };
+    let status = std::process::Command::new(bin())
+        .args(["--user=root", "--stream=tar", "--interval=5"])
         .arg(format!("--socket={}", source.socket.display()))
-        .arg(format!("--checkpoint_dir={}", snap.display()));
-    backup_ok(cmd, &stream, 0);
+        .arg(format!("--checkpoint_dir={}", snap.display()))
+        .arg(format!("--debug_signal_file={}", signal.display()))
+        .stdout(std::fs::File::create(&stream).unwrap())
+        .stderr(std::fs::File::create(&copy_log).unwrap())
+        .status()
+        .unwrap();
+    ddl.join().unwrap();
+    let log = std::fs::read_to_string(&copy_log).unwrap();
+    assert!(status.success(), "{log}");
+    // The original's words, in its order, for the scripts that grep them.
+    let mut at = 0;
+    for words in [
+        "Starting backup.",
+        "Starting backup round 1",
+        "Created checkpoint at",
+        "Sent ",
+        "Waiting until",
+        "Backup WAL..",
+        "Backup Manifest..",
+        "RocksDB Backup Done.",
+        "Taking MySQL misc backups..",
+        "MySQL misc backups done.",
+        "All Backups Done.",
+    ] {
+        at += log[at..]
+            .find(words)
+            .unwrap_or_else(|| panic!("{words:?} missing (in order):\n{log}"));
+    }
+    assert!(
+        log.lines().last().unwrap().contains("completed OK!"),
+        "{log}"
+    );
     let out = tmp.path().join("x");
     std::fs::create_dir(&out).unwrap();
     run_ok(
@@ -228,23 +287,49 @@ fn the_original_invocation_backs_up_and_moves_back() {
             .arg("-C")
             .arg(&out),
     );
+    // The restore's bootstrap honours the server's option file and binary, on the legacy
+    // path too: this file asks for a 20 MiB system tablespace (12 MiB by default).
+    let cnf = tmp.path().join("my.cnf");
+    std::fs::write(
+        &cnf,
+        "[mysqld]\ninnodb-data-file-path=ibdata1:20M:autoextend\n",
+    )
+    .unwrap();
     let d = tmp.path().join("d");
     let rocks = d.join("#rocksdb");
-    let res = std::process::Command::new(bin())
-        .arg("--move_back")
-        .arg(format!("--datadir={}", d.display()))
-        .arg(format!("--rocksdb_datadir={}", rocks.display()))
-        .arg(format!("--rocksdb_waldir={}", rocks.display()))
-        .arg(format!("--backup_dir={}", out.display()))
-        .output()
-        .unwrap();
+    let move_back = |mariadbd: &str| {
+        std::process::Command::new(bin())
+            .arg("--move_back")
+            .arg(format!("--datadir={}", d.display()))
+            .arg(format!("--rocksdb_datadir={}", rocks.display()))
+            .arg(format!("--rocksdb_waldir={}", rocks.display()))
+            .arg(format!("--backup_dir={}", out.display()))
+            .arg(format!("--defaults-file={}", cnf.display()))
+            .arg(format!("--mariadbd={mariadbd}"))
+            .output()
+            .unwrap()
+    };
+    let res = move_back("/nonexistent/mariadbd");
+    assert_eq!(
+        res.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(!d.exists());
+    let res = move_back(sandbox::binary("mariadbd").to_str().unwrap());
     assert!(
         res.status.success(),
         "{}",
         String::from_utf8_lossy(&res.stderr)
     );
-    let copy = Server::start_on(&d, &[]);
+    assert_eq!(
+        std::fs::metadata(d.join("ibdata1")).unwrap().len(),
+        20 << 20
+    );
+    let copy = Server::start_on(&d, &["--innodb-data-file-path=ibdata1:20M:autoextend"]);
     assert_eq!(copy.value("SELECT COUNT(*) FROM o.t"), "1234");
+    assert_eq!(copy.value("SELECT id FROM o.r10"), "10");
     assert_eq!(copy.logged_errors(), Vec::<String>::new());
 }
 

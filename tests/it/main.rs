@@ -12,3 +12,4 @@ mod properties;
 mod replica;
 mod safety;
 mod sandbox_harness;
+mod zoo;

@@ -58,7 +58,7 @@ fn a_signal_while_block_ddl_waits_takes_effect_at_once() {
     // A client holds a write lock on a MyISAM table: BLOCK_DDL waits for it.
     let mut locker = server.conn();
     locker.query_drop("LOCK TABLES app.m WRITE").unwrap();
-    let mut child = backup_cmd(&server, &["--lock-wait-timeout", "300"])
+    let child = backup_cmd(&server, &["--lock-wait-timeout", "300"])
         .stdout(File::create(tmp.path().join("b.tar")).unwrap())
         .stderr(Stdio::piped())
         .spawn()
