@@ -165,7 +165,10 @@ fn a_server_without_rocksdb_is_refused() {
 fn innodb_user_tables_are_refused_unless_explicitly_skipped() {
     let server = server_with_backup_user();
     server.exec(
-        "CREATE TABLE app.inno (id INT PRIMARY KEY) ENGINE=InnoDB; INSERT INTO app.inno VALUES (1)",
+        "CREATE TABLE app.inno (id INT PRIMARY KEY) ENGINE=InnoDB; INSERT INTO app.inno VALUES (1);
+         CREATE TABLE app.audit (id INT PRIMARY KEY) ENGINE=ROCKSDB;
+         CREATE TRIGGER app.inno_ai AFTER INSERT ON app.inno FOR EACH ROW INSERT INTO app.audit VALUES (NEW.id);
+         CREATE TRIGGER app.t_ai AFTER INSERT ON app.t FOR EACH ROW INSERT INTO app.audit VALUES (NEW.id + 1000)",
     );
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = tmp.path().join("ckpt");
@@ -186,7 +189,12 @@ fn innodb_user_tables_are_refused_unless_explicitly_skipped() {
         manifest(&x)["backup"]["skipped_innodb_tables"],
         serde_json::json!(["app.inno"])
     );
-    assert!(!x.join("app/inno.frm").exists());
+    // Nothing of the skipped table is left: no definition, no trigger files.
+    for gone in ["app/inno.frm", "app/inno.TRG", "app/inno_ai.TRN"] {
+        assert!(!x.join(gone).exists(), "{gone} was copied");
+    }
+    // The triggers of the other tables are kept.
+    assert!(x.join("app/t.TRG").exists() && x.join("app/t_ai.TRN").exists());
     let restored = tmp.path().join("r");
     assert!(move_back(&x, &restored).status.success());
     let copy = Server::start_on(&restored, &[]);

@@ -1,6 +1,7 @@
-//! Servers that are not plain primaries: a replica (with its binary log off) whose copy
-//! resumes replication from the recorded files alone, and a MyRocks-only server running
-//! without InnoDB, backed up and restored without InnoDB anywhere.
+//! Servers that are not plain primaries or not laid out by default: a replica (with its
+//! binary log off) whose copy resumes replication from the recorded files alone, a
+//! MyRocks-only server running without InnoDB, backed up and restored without InnoDB
+//! anywhere, and an Aria log kept outside the datadir.
 
 use std::fs;
 use std::time::Duration;
@@ -130,5 +131,34 @@ fn a_server_without_innodb_is_backed_up_and_restored_without_innodb() {
     let copy = Server::start_on(&restored, NO_INNODB);
     assert_eq!(copy.value("SELECT SUM(v) FROM app.t"), "12502500");
     assert_eq!(source.logged_errors(), Vec::<String>::new());
+    assert_eq!(copy.logged_errors(), Vec::<String>::new());
+}
+
+#[test]
+fn the_aria_log_is_taken_from_aria_log_dir_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let aria_dir = tmp.path().join("aria-logs");
+    fs::create_dir(&aria_dir).unwrap();
+    let opt = format!("--aria-log-dir-path={}", aria_dir.display());
+    let source = Server::start_with(&[&opt]);
+    source.exec(
+        "CREATE DATABASE app; USE app;
+         CREATE TABLE a (id INT PRIMARY KEY, v INT) ENGINE=Aria TRANSACTIONAL=1;
+         INSERT INTO a SELECT seq, seq FROM seq_1_to_3000",
+    );
+    assert!(aria_dir.join("aria_log_control").exists());
+    assert!(!source.datadir.join("aria_log_control").exists());
+    let stream = tmp.path().join("b.tar");
+    backup_ok(backup_cmd(&source, &[]), &stream, 0);
+    let x = tmp.path().join("x");
+    extract_with("ours", &stream, &x);
+    assert!(x.join("aria_log_control").exists() && x.join("aria_log.00000001").exists());
+    let restored = tmp.path().join("r");
+    assert!(move_back(&x, &restored).status.success());
+    // The restore puts the Aria log in the datadir, where a default server looks for it.
+    let copy = Server::start_on(&restored, &[]);
+    assert_eq!(copy.value("SELECT SUM(v) FROM app.a"), "4501500");
+    let check = copy.rows("CHECK TABLE app.a");
+    assert_eq!(check.last().unwrap()[3], "OK", "{check:?}");
     assert_eq!(copy.logged_errors(), Vec::<String>::new());
 }

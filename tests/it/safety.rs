@@ -384,10 +384,15 @@ fn copy_back_refuses_a_flipped_byte_and_a_symbolic_link() {
     assert!(!target.exists());
     fs::remove_file(x.join("app/evil.frm")).unwrap();
 
-    // The repaired backup restores.
+    // The repaired backup restores, into a target that is a filesystem's root (it holds
+    // only lost+found).
+    fs::create_dir_all(target.join("lost+found")).unwrap();
     let out = copy_back(&target);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("completed OK!"), "{}", stderr(&out));
+    let copy = Server::start_on(&target, &[]);
+    assert_eq!(copy.value("SELECT COUNT(*) FROM app.t"), "1000");
+    assert_eq!(copy.logged_errors(), Vec::<String>::new());
 }
 
 #[test]
