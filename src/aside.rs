@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::datadir::DatadirFile;
@@ -48,7 +49,7 @@ impl Aside {
         let copy = self.scratch_path(&f.name);
         let size = fs::metadata(&f.source).with_path("stat", &f.source)?.len();
         let early = size.saturating_sub(TAIL);
-        let mut out = File::create(&copy).with_path("create", &copy)?;
+        let mut out = private_file(&copy)?;
         let mut src = File::open(&f.source).with_path("open", &f.source)?;
         let copied =
             std::io::copy(&mut (&mut src).take(early), &mut out).with_path("copy", &f.source)?;
@@ -82,7 +83,9 @@ impl Aside {
                 Some(c) => complete(c)?,
                 None => {
                     let copy = self.scratch_path(&f.name);
-                    fs::copy(&f.source, &copy).with_path("copy", &f.source)?;
+                    let mut out = private_file(&copy)?;
+                    let mut src = File::open(&f.source).with_path("open", &f.source)?;
+                    std::io::copy(&mut src, &mut out).with_path("copy", &f.source)?;
                     self.copies.insert(
                         f.name.clone(),
                         Copy {
@@ -97,12 +100,32 @@ impl Aside {
         Ok(())
     }
 
+    /// Once commits flow again: seals the CSV log tables, and gives every copy its source's
+    /// permissions, owner and modification time (the backup stores those).
+    pub fn finish(&self) -> Result<()> {
+        self.seal_csv_tables()?;
+        for c in self.copies.values() {
+            let md = fs::metadata(&c.source).with_path("stat", &c.source)?;
+            fs::set_permissions(&c.copy, md.permissions()).with_path("chmod", &c.copy)?;
+            if crate::sys::is_root() {
+                std::os::unix::fs::chown(&c.copy, Some(md.uid()), Some(md.gid()))
+                    .with_path("chown", &c.copy)?;
+            }
+            File::options()
+                .write(true)
+                .open(&c.copy)
+                .and_then(|f| f.set_modified(md.modified()?))
+                .with_path("set the time of", &c.copy)?;
+        }
+        Ok(())
+    }
+
     /// Leaves each copied CSV log table (`mysql.general_log`, `mysql.slow_log`) as a closed
     /// table: its data cut after the last whole row, and its `.CSM` rewritten clean with
     /// that row count. The server reopens a log table to log any statement, which marks
     /// its `.CSM` dirty (the restored server would call the table crashed), and a row may
     /// be half written when the copy is taken.
-    pub fn seal_csv_tables(&self) -> Result<()> {
+    fn seal_csv_tables(&self) -> Result<()> {
         for (name, c) in &self.copies {
             let Some(stem) = name.strip_suffix(".CSV") else {
                 continue;
@@ -139,6 +162,17 @@ impl Aside {
     fn scratch_path(&self, name: &str) -> PathBuf {
         self.dir.join(name.replace('/', "@"))
     }
+}
+
+/// A new file readable by us alone, until [`Aside::finish`] gives it its source's mode.
+fn private_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_path("create", path)
 }
 
 /// The CSV engine's `.CSM` file of a cleanly closed table (MariaDB's `ha_tina`): a check
@@ -242,7 +276,7 @@ mod tests {
         let csm = file(src.path(), "general_log.CSM", &dirty);
         let mut aside = Aside::new(scratch.path().to_path_buf());
         aside.copy_under_block(&[csv, csm]).unwrap();
-        aside.seal_csv_tables().unwrap();
+        aside.finish().unwrap();
         let files = aside.files();
         assert_eq!(fs::read(&files[0].source).unwrap(), csv_meta(2));
         assert_eq!(fs::read(&files[1].source).unwrap(), b"\"a\",1\n\"b\",2\n");

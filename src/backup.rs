@@ -5,14 +5,16 @@
 //!    checkpoint and start a new one, skipping SSTs already sent (same name and size: SST
 //!    files are immutable). So a checkpoint never pins files that compaction made obsolete
 //!    for long. The rounds end with one that sent everything it held.
-//! 2. **The consistent point**, through `BACKUP STAGE`: under `BLOCK_DDL` (which also
-//!    blocks writes to non-transactional tables) the table definitions and the files of
-//!    non-transactional tables are sent, and all but the tail of the Aria log and of the log
-//!    tables is copied aside. RocksDB's memtables are flushed, then under `BLOCK_COMMIT` the
-//!    final checkpoint is created, the binary log coordinates and the replication state are
-//!    read, and what the server writes until then (the Aria log's tail, the statistics and
-//!    log tables of `mysql`) is copied aside. `END` releases the server; the time in
-//!    between is the commit stall, measured and recorded.
+//! 2. **The consistent point**, through `BACKUP STAGE`. Before it, all but the tail of the
+//!    Aria log and of the log tables is copied aside. Under `BLOCK_DDL` (which also blocks
+//!    writes to non-transactional tables) the table definitions and the files of
+//!    non-transactional tables are sent, and the final checkpoint is created, its live WAL
+//!    pinned (see [`crate::wal`]). Under `BLOCK_COMMIT`, what the server writes until then
+//!    (the statistics and log tables of `mysql`, the Aria log's tail) is copied aside, the
+//!    WAL sizes are recorded (or, when the WAL cannot be brought forward exactly, the final
+//!    checkpoint is taken again), and the binary log coordinates and the replication state
+//!    are read. `END` releases the server; the time in between is the commit stall,
+//!    measured and recorded.
 //! 3. **The rest**: the final checkpoint's new SSTs, its WAL, OPTIONS, MANIFEST and CURRENT,
 //!    the copies made aside, then `xtrabackup_binlog_info`, `xtrabackup_slave_info`, the
 //!    InnoDB system tables and the manifest.
@@ -179,10 +181,11 @@ fn backup(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Resu
     area.check_space()?;
 
     server.backup_stage("START", args.lock_wait_timeout)?;
-    let consistent = job.consistent_point(&mut server, &area, &info, &skip, args);
+    let aside = copy_logs_early(&area, &info)?;
+    let consistent = job.consistent_point(&mut server, &area, &info, &skip, args, aside);
     // On error the stage is released below; a failed statement does not end it.
     if consistent.is_err() {
-        let _ = server.exec("BACKUP STAGE END");
+        server.release_stage();
     }
     let point = consistent?;
     info!(
@@ -249,6 +252,35 @@ fn backup(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Resu
         job.sent_sst.len(),
     );
     Ok(manifest.backup)
+}
+
+/// Before the consistent point: copies all but the tail of the logs the server writes until
+/// commits are blocked (the Aria log, the CSV log tables), so that only their tails are
+/// copied while commits are blocked, and DDL is not held back by a long copy either.
+fn copy_logs_early(area: &CheckpointArea, info: &ServerInfo) -> Result<Aside> {
+    let mut aside = Aside::new(area.scratch_dir("aside")?);
+    let mut growing: Vec<DatadirFile> = datadir::aria_logs(&info.aria_log_dir)?
+        .into_iter()
+        .filter(|f| f.name != "aria_log_control")
+        .collect();
+    for table in ["general_log", "slow_log"] {
+        let name = format!("mysql/{table}.CSV");
+        let source = info.datadir.join(&name);
+        if source.is_file() {
+            growing.push(DatadirFile { source, name });
+        }
+    }
+    let sizes = growing.iter().filter_map(|f| fs::metadata(&f.source).ok());
+    area.check_space_for(sizes.map(|md| md.len()).sum())?;
+    let mut early = 0;
+    for f in &growing {
+        early += aside.copy_early(f)?;
+    }
+    info!(
+        "Copied {} of the Aria log and log tables aside; their tails follow while commits are blocked",
+        human(early)
+    );
+    Ok(aside)
 }
 
 /// mariabackup's `xtrabackup_slave_info`: the statements that make a copy of a replica
@@ -483,6 +515,7 @@ impl Job<'_> {
         info: &ServerInfo,
         skip: &[&Path],
         args: &BackupArgs,
+        mut aside: Aside,
     ) -> Result<ConsistentPoint> {
         let timeout = args.lock_wait_timeout;
         server.backup_stage("FLUSH", timeout)?;
@@ -503,40 +536,28 @@ impl Job<'_> {
             sel.schema.len(),
             sel.table_data.len()
         );
-        // What the server writes until commits are blocked: most of it now, the rest then.
-        let mut aside = Aside::new(area.scratch_dir("aside")?);
-        let growing: Vec<DatadirFile> = datadir::aria_logs(&info.aria_log_dir)?
-            .into_iter()
-            .filter(|f| f.name != "aria_log_control")
-            .chain(
-                sel.late_table_data
-                    .iter()
-                    .filter(|f| f.name.ends_with(".CSV"))
-                    .cloned(),
-            )
-            .collect();
-        let needed: u64 = growing
+        // The statistics and log tables: copied under the block (the logs' early parts
+        // already are), where they need room on the server's filesystem.
+        let needed: u64 = sel
+            .late_table_data
             .iter()
-            .chain(&sel.late_table_data)
             .filter_map(|f| fs::metadata(&f.source).ok())
             .map(|md| md.len())
             .sum();
         area.check_space_for(needed)?;
-        let early: u64 = growing
-            .iter()
-            .map(|f| aside.copy_early(f))
-            .sum::<Result<u64>>()?;
-        info!(
-            "Copied {} of the Aria log and log tables aside; their tails follow while commits are blocked",
-            human(early)
-        );
         self.cancel.check()?;
         // The final checkpoint, before commits are blocked: under the block only the
         // WAL's end is recorded (see `wal`), so the stall does not grow with the SSTs.
         let checkpoint = area.checkpoint_path("final");
         let step = Instant::now();
         server.create_checkpoint(&checkpoint)?;
-        let pins = WalPins::pin(&info.rocksdb_wal_dir, &checkpoint, area.scratch_dir("wal")?)?;
+        let pin_dir = area.scratch_dir("wal")?;
+        let pins = WalPins::pin(
+            &info.rocksdb_wal_dir,
+            &checkpoint,
+            pin_dir.clone(),
+            info.rocksdb_manual_wal_flush,
+        )?;
         info!(
             "Created the final checkpoint at {} in {:.1} ms",
             checkpoint.display(),
@@ -583,7 +604,7 @@ impl Job<'_> {
             steps.push(("coordinates", step.elapsed()));
             Ok((binlog, replica, pins))
         })();
-        server.exec("BACKUP STAGE END")?;
+        server.backup_stage("END", timeout)?;
         let commit_stall_ms = commits_blocked.elapsed().as_secs_f64() * 1e3;
         let parts: Vec<String> = steps
             .iter()
@@ -597,13 +618,12 @@ impl Job<'_> {
         if early.exists() {
             // The early checkpoint and its WAL pins are not needed after all.
             fs::remove_dir_all(&early).with_path("remove checkpoint", &early)?;
-            let pins = area.checkpoint_path("wal");
-            fs::remove_dir_all(&pins).with_path("remove", &pins)?;
+            fs::remove_dir_all(&pin_dir).with_path("remove", &pin_dir)?;
         }
         let (binlog, replica, pins) = blocked?;
-        aside.seal_csv_tables()?;
+        aside.finish()?;
         let wal = match pins {
-            Some(pins) => pins.files(&checkpoint)?,
+            Some(pins) => pins.files(),
             None => WalPins::checkpoint_files(&checkpoint)?,
         };
         if !sel

@@ -19,11 +19,13 @@ impl Cancel {
     }
 
     /// Routes SIGINT, SIGTERM and SIGHUP to this token instead of killing the process. A second
-    /// signal, while the first is being handled, ends the process at once.
+    /// SIGINT or SIGTERM, while the first signal is being handled, ends the process at once.
+    /// SIGHUP never does (a hang-up often comes twice), and under `nohup` (SIGHUP ignored)
+    /// it stays ignored.
     pub fn on_signals() -> std::io::Result<Cancel> {
         let cancel = Cancel::default();
         let seen = Arc::new(AtomicBool::new(false));
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        for sig in [libc::SIGINT, libc::SIGTERM] {
             signal_hook::flag::register_conditional_shutdown(
                 sig,
                 crate::error::exit::INTERRUPTED,
@@ -31,6 +33,14 @@ impl Cancel {
             )?;
             signal_hook::flag::register(sig, seen.clone())?;
             signal_hook::flag::register_usize(sig, cancel.signal.clone(), sig as usize)?;
+        }
+        if !crate::sys::is_ignored(libc::SIGHUP) {
+            signal_hook::flag::register(libc::SIGHUP, seen)?;
+            signal_hook::flag::register_usize(
+                libc::SIGHUP,
+                cancel.signal.clone(),
+                libc::SIGHUP as usize,
+            )?;
         }
         Ok(cancel)
     }

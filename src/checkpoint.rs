@@ -6,6 +6,10 @@
 //! the next run finds its owner file unlocked and removes it. A lock, unlike a pid, is
 //! right across PID namespaces and containers. Nothing without our owner file is touched.
 //!
+//! The run directory is ours (mode 0711); the server writes only into its `ckpt/`
+//! subdirectory, which it owns, and our copies of the Aria log and the log tables sit in
+//! subdirectories readable by us alone.
+//!
 //! Checkpoints are hard links, but they pin files that compaction deletes, and the run
 //! keeps small copies of its own here: the run stops before the filesystem, which is the
 //! server's, runs out of space.
@@ -21,6 +25,8 @@ use crate::{info, warn};
 const RUN_PREFIX: &str = "myrocks_hotbackup-run-";
 const OWNER_FILE: &str = "owner";
 const OWNER_TAG: &str = "myrocks-hotbackup";
+/// The one directory of a run the server writes into.
+const CKPT_DIR: &str = "ckpt";
 
 /// This run's checkpoint directory, removed on drop.
 pub struct CheckpointArea {
@@ -46,8 +52,8 @@ impl CheckpointArea {
                 )))
             }
             Err(_) => {
-                fs::create_dir(parent).with_path("create the checkpoint directory", parent)?;
-                give_to_server(parent, &rocks)?;
+                create_private_dir(parent, 0o711)
+                    .with_path("create the checkpoint directory", parent)?;
                 Some(parent.to_path_buf())
             }
         };
@@ -74,7 +80,8 @@ impl CheckpointArea {
             std::process::id(),
             crate::log::unix_now()
         ));
-        fs::create_dir(&run_dir)
+        // Ours alone: the server may only traverse it, into `ckpt/`, which it owns.
+        create_private_dir(&run_dir, 0o711)
             .with_path("create a directory in the checkpoint directory", &run_dir)
             .map_err(cleanup_parent)?;
         let owner_path = run_dir.join(OWNER_FILE);
@@ -99,7 +106,9 @@ impl CheckpointArea {
             _owner: owner,
             created_parent,
         };
-        give_to_server(&area.run_dir, &rocks)?;
+        let ckpt = area.run_dir.join(CKPT_DIR);
+        create_private_dir(&ckpt, 0o700).with_path("create", &ckpt)?;
+        give_to_server(&ckpt, &rocks)?;
         area.check_space()?;
         Ok(area)
     }
@@ -131,13 +140,14 @@ impl CheckpointArea {
 
     /// Where the checkpoint called `name` goes (the server creates it; it must not exist).
     pub fn checkpoint_path(&self, name: &str) -> PathBuf {
-        self.run_dir.join(name)
+        self.run_dir.join(CKPT_DIR).join(name)
     }
 
-    /// A scratch directory of ours inside the run directory.
+    /// A scratch directory of ours inside the run directory, readable by us alone (it
+    /// holds copies of the Aria log and the log tables).
     pub fn scratch_dir(&self, name: &str) -> Result<PathBuf> {
         let dir = self.run_dir.join(name);
-        fs::create_dir(&dir).with_path("create", &dir)?;
+        create_private_dir(&dir, 0o700).with_path("create", &dir)?;
         Ok(dir)
     }
 }
@@ -157,10 +167,17 @@ impl Drop for CheckpointArea {
     }
 }
 
-/// The server creates checkpoints in our directory: when we run as root and the server as
-/// another user, that user must own it.
+/// Creates a directory with exactly `mode`, whatever the umask.
+fn create_private_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new().mode(mode).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+}
+
+/// The server creates checkpoints in `ckpt/`: when we run as root and the server as another
+/// user, that user must own it (and only it).
 fn give_to_server(dir: &Path, rocks: &fs::Metadata) -> Result<()> {
-    if unsafe { libc::geteuid() } == 0 {
+    if crate::sys::is_root() {
         std::os::unix::fs::chown(dir, Some(rocks.uid()), Some(rocks.gid()))
             .with_path("chown", dir)?;
     }

@@ -223,7 +223,8 @@ struct LegacyArgs {
     skip_check_frm_timestamp: bool,
     #[arg(short = 'D', long)]
     debug_signal_file: Option<PathBuf>,
-    /// Not in the original: the server's option file, for the restore's bootstrap.
+    /// Not in the original: an option file, read for the connection's credentials (backup)
+    /// and by the restore's bootstrap (move-back), as the MySQL tools read it.
     #[arg(long)]
     defaults_file: Option<PathBuf>,
     /// Not in the original: the server binary for the restore's bootstrap.

@@ -165,14 +165,7 @@ impl Extractor {
         for (dir, attrs) in self.dir_attrs.iter().rev() {
             set_attrs(dir, None, *attrs)?;
         }
-        let root = File::open(&self.root).with_path("open", &self.root)?;
-        if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
-            return Err(Error::io(
-                format!("cannot sync {}", self.root.display()),
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
+        crate::sys::syncfs(&self.root)
     }
 
     fn remove_created(&mut self) {

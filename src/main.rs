@@ -17,7 +17,8 @@ fn main() {
         Ok(command) => command,
         Err(e) => e.exit(),
     };
-    myrocks_hotbackup::sys::scrub_password_args();
+    // SAFETY: one thread so far, and the arguments are parsed.
+    unsafe { myrocks_hotbackup::sys::scrub_password_args() };
     let code = match run(command) {
         Ok(()) => exit::OK,
         Err(e) if e.is_broken_pipe() => {

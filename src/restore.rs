@@ -140,11 +140,17 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
         }
     }
     if innodb_sql.is_some() && mariadbd.is_none() {
-        let d = datadir.display();
+        let args: Vec<String> = bootstrap_args(args.defaults_file.as_deref(), &datadir)
+            .into_iter()
+            .map(|a| shell_quote(&a))
+            .collect();
+        let script = shell_quote(&datadir.join(INNODB_SQL_NAME).to_string_lossy());
+        let d = shell_quote(&datadir.to_string_lossy());
         warn!(
             "The InnoDB tables of the mysql schema are not re-created yet (--skip-bootstrap). Before the \
-             first start, on the database host, run: mariadbd --bootstrap --datadir={d} --user=mysql \
-             < {d}/{INNODB_SQL_NAME} && rm {d}/{INNODB_SQL_NAME}"
+             first start, on the database host, as root, run: chown -R mysql:mysql {d} && \
+             mariadbd {} --user=mysql < {script} && rm {script}",
+            args.join(" ")
         );
     }
     info!("Before starting the server, give the files to its user (chown -R mysql:mysql, as after mariabackup)");
@@ -238,6 +244,18 @@ fn check_complete(backup: &Path, cancel: &Cancel) -> Result<HashSet<String>> {
         }
     };
     manifest.files.iter().try_for_each(&mut check)?;
+    // Nothing else may be restored: a stray file (a WAL left by an earlier extraction into
+    // the same directory, say) would be replayed by the server.
+    let listed: HashSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+    for path in files_under(backup, "")? {
+        if path != MANIFEST_NAME && !listed.contains(path.as_str()) {
+            return Err(Error::Corrupt(format!(
+                "{} is not part of the backup (its manifest does not list it): remove it, or \
+                 extract the backup into an empty directory",
+                backup.join(&path).display()
+            )));
+        }
+    }
     let obsolete = manifest.backup["obsolete_sst"]
         .as_array()
         .into_iter()
@@ -245,6 +263,21 @@ fn check_complete(backup: &Path, cancel: &Cancel) -> Result<HashSet<String>> {
     Ok(obsolete
         .filter_map(|n| n.as_str().map(str::to_string))
         .collect())
+}
+
+/// The regular files under `dir`, as `/`-separated paths below it.
+fn files_under(dir: &Path, prefix: &str) -> Result<Vec<String>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).with_path("list", dir)? {
+        let entry = entry.with_path("list", dir)?;
+        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+        if entry.file_type().with_path("stat", &entry.path())?.is_dir() {
+            files.extend(files_under(&entry.path(), &format!("{name}/"))?);
+        } else {
+            files.push(name);
+        }
+    }
+    Ok(files)
 }
 
 /// The CRC-32 of a whole file.
@@ -391,6 +424,39 @@ fn find_mariadbd(given: Option<&Path>) -> Result<PathBuf> {
         })
 }
 
+/// The bootstrap's options. Whatever the option file says, InnoDB's and Aria's files go into
+/// the new datadir, RocksDB stays off, and the bootstrap writes no binary log and opens no
+/// port: it cannot touch the files of a server running on the same host.
+fn bootstrap_args(defaults_file: Option<&Path>, datadir: &Path) -> Vec<String> {
+    let d = datadir.display();
+    let defaults = match defaults_file {
+        Some(f) => format!("--defaults-file={}", f.display()),
+        None => "--no-defaults".into(),
+    };
+    vec![
+        defaults,
+        "--bootstrap".into(),
+        format!("--datadir={d}"),
+        format!("--innodb-data-home-dir={d}"),
+        format!("--innodb-log-group-home-dir={d}"),
+        format!("--innodb-undo-directory={d}"),
+        "--skip-log-bin".into(),
+        format!("--aria-log-dir-path={d}"),
+        "--loose-rocksdb=OFF".into(),
+        "--skip-networking".into(),
+    ]
+}
+
+/// A word for a POSIX shell, quoted when it needs to be.
+fn shell_quote(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_=/.,:@+".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
 /// Creates the InnoDB system tablespace and the `mysql` InnoDB tables in the new datadir.
 fn bootstrap_innodb(
     mariadbd: &Path,
@@ -400,22 +466,7 @@ fn bootstrap_innodb(
 ) -> Result<()> {
     let log = tempfile::NamedTempFile::new().context(|| "cannot create a temporary file".into())?;
     let mut cmd = Command::new(mariadbd);
-    match defaults_file {
-        Some(f) => cmd.arg(format!("--defaults-file={}", f.display())),
-        None => cmd.arg("--no-defaults"),
-    };
-    // Whatever the option file says, InnoDB's and Aria's files go into the new datadir,
-    // RocksDB stays off, and the bootstrap writes no binary log and opens no port.
-    let d = datadir.display();
-    cmd.arg("--bootstrap")
-        .arg(format!("--datadir={d}"))
-        .arg(format!("--innodb-data-home-dir={d}"))
-        .arg(format!("--innodb-log-group-home-dir={d}"))
-        .arg(format!("--innodb-undo-directory={d}"))
-        .arg("--skip-log-bin")
-        .arg(format!("--aria-log-dir-path={d}"))
-        .arg("--loose-rocksdb=OFF")
-        .arg("--skip-networking")
+    cmd.args(bootstrap_args(defaults_file, datadir))
         .arg(format!("--log-error={}", log.path().display()))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

@@ -27,6 +27,9 @@ pub struct ServerInfo {
     pub aria_log_dir: PathBuf,
     /// False on a server running without InnoDB (`--skip-innodb`).
     pub innodb: bool,
+    /// `@@rocksdb_manual_wal_flush`: RocksDB may hold WAL records in memory.
+    #[serde(default)]
+    pub rocksdb_manual_wal_flush: bool,
 }
 
 /// Where a replica stood at the consistent point, for a copy to resume replication.
@@ -78,6 +81,8 @@ const PRIVILEGES: &[(&[&str], &str)] = &[
 pub struct Server {
     conn: Conn,
     guard: Arc<Guard>,
+    /// A BACKUP STAGE is held by this connection.
+    in_stage: bool,
 }
 
 /// Whether a statement is in flight on the connection, and whether a signal killed it.
@@ -129,6 +134,7 @@ impl Server {
         let mut server = Server {
             conn,
             guard: Arc::new(Guard::default()),
+            in_stage: false,
         };
         // Rounds send data for minutes without a query: the connection must not time out;
         // no server-wide statement limit may cut a BACKUP STAGE or checkpoint short; and
@@ -144,8 +150,7 @@ impl Server {
     /// runs `KILL QUERY` on this connection from a second one. Stops when dropped.
     pub fn interrupt_on(&mut self, cancel: &Cancel, creds: &Credentials) -> Result<Watcher> {
         let id: u64 = self
-            .conn
-            .query_first("SELECT CONNECTION_ID()")
+            .guarded(|c| c.query_first("SELECT CONNECTION_ID()"))
             .map_err(|e| Server::fail("SELECT CONNECTION_ID()", e))?
             .unwrap_or_default();
         let (guard, cancel, creds) = (self.guard.clone(), cancel.clone(), creds.clone());
@@ -187,7 +192,13 @@ impl Server {
     pub fn backup_stage(&mut self, stage: &str, timeout: u64) -> Result<()> {
         self.exec(&format!("SET SESSION lock_wait_timeout = {timeout}"))?;
         let sql = format!("BACKUP STAGE {stage}");
-        self.guarded(|c| c.query_drop(&sql)).map_err(|e| match &e {
+        let done = self.guarded(|c| c.query_drop(&sql));
+        match stage {
+            "START" => self.in_stage = done.is_ok(),
+            "END" => self.in_stage &= done.is_err(),
+            _ => {}
+        }
+        done.map_err(|e| match &e {
             mysql::Error::MySqlError(me) if me.code == 1205 => Error::Server(format!(
                 "{sql} waited {timeout} s for running statements (a long DDL, LOCK TABLES, a stuck \
                  transaction?) and gave up. Retry when they are done{}",
@@ -201,6 +212,18 @@ impl Server {
         })
     }
 
+    /// Ends the backup stage after a failure or a signal, if one is held. The watcher must
+    /// not kill this statement too; if it fails, closing the connection releases the stage.
+    pub fn release_stage(&mut self) {
+        if !self.in_stage {
+            return;
+        }
+        self.guard.killed.store(true, Ordering::SeqCst);
+        if let Err(e) = self.backup_stage("END", 60) {
+            warn!("{e}; the stage is released when the connection closes");
+        }
+    }
+
     fn fail(what: &str, e: mysql::Error) -> Error {
         Error::Server(format!("{what}: {e}"))
     }
@@ -212,8 +235,7 @@ impl Server {
 
     fn value(&mut self, sql: &str) -> Result<Option<String>> {
         let row: Option<Option<String>> = self
-            .conn
-            .query_first(sql)
+            .guarded(|c| c.query_first(sql))
             .map_err(|e| Server::fail(sql, e))?;
         Ok(row.flatten())
     }
@@ -246,13 +268,12 @@ impl Server {
             .unwrap_or_default();
         // Global privileges, and SELECT on the mysql schema (as `SELECT ON mysql`).
         let granted: Vec<String> = self
-            .conn
-            .exec(
+            .guarded(|c| c.exec(
                 "SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES WHERE GRANTEE IN (?, ?)
                  UNION SELECT CONCAT(PRIVILEGE_TYPE, ' ON mysql') FROM information_schema.SCHEMA_PRIVILEGES
                  WHERE GRANTEE IN (?, ?) AND TABLE_SCHEMA = 'mysql'",
                 (grantee.as_str(), role.as_str(), grantee.as_str(), role.as_str()),
-            )
+            ))
             .map_err(|e| Server::fail("reading privileges", e))?;
         let missing: Vec<String> = PRIVILEGES
             .iter()
@@ -283,10 +304,9 @@ impl Server {
             Option<String>,
         );
         let row: Option<Row> = self
-            .conn
-            .query_first(
+            .guarded(|c| c.query_first(
                 "SELECT @@version, @@hostname, @@datadir, @@rocksdb_datadir, @@rocksdb_wal_dir, @@aria_log_dir_path",
-            )
+            ))
             .map_err(|e| Server::fail("reading server variables", e))?;
         let (version, hostname, datadir, rocksdb_datadir, wal_dir, aria_dir) =
             row.ok_or_else(|| Error::Server("the server returned no variables".into()))?;
@@ -300,6 +320,10 @@ impl Server {
         let innodb = self.value(
             "SELECT SUPPORT IN ('YES', 'DEFAULT') FROM information_schema.ENGINES WHERE ENGINE = 'InnoDB'",
         )?;
+        // Unknown (an older plugin): assume the WAL may be buffered.
+        let manual_wal_flush = self
+            .value("SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_VARIABLES WHERE VARIABLE_NAME = 'ROCKSDB_MANUAL_WAL_FLUSH'")?
+            .is_none_or(|v| v != "OFF");
         Ok(ServerInfo {
             version,
             hostname,
@@ -308,6 +332,7 @@ impl Server {
             rocksdb_wal_dir: normalize(&rocksdb_wal_dir),
             aria_log_dir: normalize(&aria_log_dir),
             innodb: innodb.as_deref() == Some("1"),
+            rocksdb_manual_wal_flush: manual_wal_flush,
         })
     }
 
@@ -315,8 +340,7 @@ impl Server {
     /// no replication position.
     pub fn replica_state(&mut self) -> Result<Option<ReplicaState>> {
         let rows: Vec<mysql::Row> = self
-            .conn
-            .query("SHOW ALL SLAVES STATUS")
+            .guarded(|c| c.query("SHOW ALL SLAVES STATUS"))
             .map_err(|e| Server::fail("SHOW ALL SLAVES STATUS", e))?;
         let text = |r: &mysql::Row, col: &str| -> String {
             r.get_opt::<String, _>(col)
@@ -357,8 +381,7 @@ impl Server {
     pub fn create_table_sql(&mut self, db: &str, table: &str) -> Result<String> {
         let sql = format!("SHOW CREATE TABLE {}.{}", ident(db), ident(table));
         let row: Option<(String, String)> = self
-            .conn
-            .query_first(&sql)
+            .guarded(|c| c.query_first(&sql))
             .map_err(|e| Server::fail(&sql, e))?;
         Ok(row.map(|(_, create)| create).unwrap_or_default())
     }
@@ -366,8 +389,7 @@ impl Server {
     /// The binary log position, or None when the binary log is off.
     pub fn binlog_position(&mut self) -> Result<Option<BinlogPosition>> {
         let status: Option<mysql::Row> = self
-            .conn
-            .query_first("SHOW MASTER STATUS")
+            .guarded(|c| c.query_first("SHOW MASTER STATUS"))
             .map_err(|e| Server::fail("SHOW MASTER STATUS", e))?;
         let Some(row) = status else { return Ok(None) };
         let (file, position): (String, u64) = (
@@ -377,8 +399,7 @@ impl Server {
                 .ok_or_else(|| Error::Server("SHOW MASTER STATUS: no position".into()))?,
         );
         let gtids: Option<(String, String)> = self
-            .conn
-            .query_first("SELECT @@gtid_binlog_pos, @@gtid_current_pos")
+            .guarded(|c| c.query_first("SELECT @@gtid_binlog_pos, @@gtid_current_pos"))
             .map_err(|e| Server::fail("reading GTID positions", e))?;
         let (gtid_binlog_pos, gtid_current_pos) = gtids.unwrap_or_default();
         Ok(Some(BinlogPosition {

@@ -52,15 +52,27 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// True when `signal` is ignored (as `nohup` leaves SIGHUP).
+pub fn is_ignored(signal: libc::c_int) -> bool {
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 /// The process's own argument vector, as the C runtime passed it (glibc calls the functions
-/// of `.init_array` with argc and argv, as it does for the standard library's own copy).
+/// of `.init_array` with argc and argv, as it does for the standard library's own copy;
+/// other C libraries do not, and there nothing is captured or scrubbed).
 static ARGC: AtomicUsize = AtomicUsize::new(0);
 static ARGV: AtomicPtr<*mut c_char> = AtomicPtr::new(std::ptr::null_mut());
 
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[used]
 #[unsafe(link_section = ".init_array")]
 static CAPTURE_ARGV: extern "C" fn(c_int, *mut *mut c_char, *mut *mut c_char) = capture_argv;
 
+#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
 extern "C" fn capture_argv(argc: c_int, argv: *mut *mut c_char, _env: *mut *mut c_char) {
     ARGC.store(argc.max(0) as usize, Ordering::Relaxed);
     ARGV.store(argv, Ordering::Relaxed);
@@ -69,7 +81,11 @@ extern "C" fn capture_argv(argc: c_int, argv: *mut *mut c_char, _env: *mut *mut 
 /// Overwrites, in the memory `ps` and `/proc/PID/cmdline` show, every password given on the
 /// command line (`--password=PW`, `--password PW`, `-pPW`, `-p PW`) with `x`, as the MySQL
 /// client tools do. Other users could read it there; after this they read `xxxx`.
-pub fn scrub_password_args() {
+///
+/// # Safety
+/// Call it while the process has one thread, after the arguments were parsed: it writes
+/// to the memory that `std::env::args` reads.
+pub unsafe fn scrub_password_args() {
     let argv = ARGV.load(Ordering::Relaxed);
     if argv.is_null() {
         return;

@@ -1,32 +1,37 @@
 //! The final checkpoint without a stall that grows with the number of SSTs.
 //!
-//! Creating a checkpoint hard-links every live SST (about 16 µs each): taken while commits
-//! are blocked, that is a write stall of 160 ms at 10,000 SSTs. So the final checkpoint is
-//! taken just *before* commits are blocked, and its RocksDB write-ahead log (WAL) is brought
-//! forward to the consistent point instead: right after the checkpoint, and again while
-//! commits are blocked, every live WAL file is hard-linked into the run's directory (a link
-//! keeps the file's data even when RocksDB deletes its name), and under the block each
-//! one's size is recorded. After the block, each WAL is sent up to that size: the
-//! checkpoint's SSTs and MANIFEST plus a WAL that replays to the consistent point.
+//! Creating a checkpoint hard-links every live SST (about 30 µs each here): taken while
+//! commits are blocked, that is a write stall of 300 ms at 10,000 SSTs. So the final
+//! checkpoint is taken just *before* commits are blocked, and its RocksDB write-ahead log
+//! (WAL) is brought forward to the consistent point instead: right after the checkpoint,
+//! and again while commits are blocked, every live WAL file is hard-linked into the run's
+//! directory (a link keeps the file's data even when RocksDB deletes its name), and under
+//! the block each one's size is recorded. After the block, each WAL is sent up to that size:
+//! the checkpoint's SSTs and MANIFEST plus a WAL that replays to the consistent point.
 //!
-//! That holds only if no WAL file the copy needs was deleted between the checkpoint and the
-//! block. RocksDB deletes a WAL only after a flush, and every flush (or compaction) writes
-//! to the MANIFEST: so under the block the live MANIFEST is compared with the checkpoint's
-//! copy (same file, same size). If it changed, or a WAL cannot be linked (another
-//! filesystem), the checkpoint is taken again under the block, as before: correct, and as
-//! slow as before, in the rare case.
-//!
-//! A WAL's size read while RocksDB writes to it (a background statistics write is not held
-//! back by the block) could end inside a record, and MyRocks recovers its WAL in absolute
-//! consistency mode: so what is sent ends at the last complete record within that size.
+//! This is exact only under conditions that are all checked while commits are blocked;
+//! when one fails, the checkpoint is taken again under the block (correct, and as slow as
+//! a checkpoint is):
+//! - **Every commit is in the WAL file.** With `rocksdb_manual_wal_flush` on (MariaDB's
+//!   default) RocksDB keeps WAL records in the server's memory until the next synced write,
+//!   and with the binary log on, the commit markers of the last transactions before the
+//!   block stay there for the whole block; MariaDB offers no statement that writes them
+//!   out without flushing the memtables. So this path is taken only with
+//!   `rocksdb_manual_wal_flush=OFF`, where each record reaches the file as it is written.
+//! - **No WAL the copy needs was deleted.** RocksDB deletes a WAL only after a flush, and
+//!   every flush (and compaction) writes to the MANIFEST: the live MANIFEST must still be the
+//!   checkpoint's (same file, same size), checked after the WALs are linked and measured.
+//!   Every WAL of the checkpoint must still be pinned.
+//! - **Each WAL ends with a whole record** at the recorded size (a background write is not
+//!   held back by the block), checked by reading the last block(s) of the log's framing.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufReader, Read};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 
 /// A WAL file as the backup sends it.
 pub struct WalFile {
@@ -40,23 +45,31 @@ pub struct WalFile {
 pub struct WalPins {
     wal_dir: PathBuf,
     pin_dir: PathBuf,
+    /// The checkpoint's WAL files, by number: name and size.
+    in_checkpoint: BTreeMap<u64, (String, u64)>,
     /// Pinned WALs by name, with their size under the block once recorded.
     pins: BTreeMap<String, Option<u64>>,
-    /// The lowest WAL number the checkpoint holds: older WALs are not needed.
-    oldest_needed: u64,
 }
 
 /// Why the fast path was not taken, for the log.
 pub type Fallback = String;
 
 impl WalPins {
-    /// Right after the checkpoint `checkpoint` was created: pins the live WALs it may need.
-    /// `pin_dir` must be on the WAL's filesystem; if it is not, returns why.
+    /// Right after the checkpoint `checkpoint` was created: pins the live WALs it may need
+    /// into `pin_dir`, or says why the WAL cannot be brought forward on this server.
     pub fn pin(
         wal_dir: &Path,
         checkpoint: &Path,
         pin_dir: PathBuf,
+        manual_wal_flush: bool,
     ) -> Result<std::result::Result<WalPins, Fallback>> {
+        if manual_wal_flush {
+            return Ok(Err(
+                "rocksdb_manual_wal_flush is on, so the last commits may still be in the server's \
+                 memory (a server started with --skip-rocksdb-manual-wal-flush has a shorter stall)"
+                    .into(),
+            ));
+        }
         let dev = |p: &Path| fs::metadata(p).with_path("stat", p).map(|m| m.dev());
         if dev(wal_dir)? != dev(&pin_dir)? {
             return Ok(Err(format!(
@@ -64,103 +77,91 @@ impl WalPins {
                 wal_dir.display()
             )));
         }
-        let oldest_needed = wal_numbers(checkpoint)?.keys().next().copied().unwrap_or(0);
         let mut pins = WalPins {
             wal_dir: wal_dir.to_path_buf(),
             pin_dir,
+            in_checkpoint: wal_numbers(checkpoint)?,
             pins: BTreeMap::new(),
-            oldest_needed,
         };
         Ok(pins.link_new()?.map(|()| pins))
     }
 
-    /// Under the block: pins WALs created since, and records every pinned WAL's size.
-    /// Returns why the checkpoint must be taken again, if it must.
+    /// Under the block: pins WALs created since, records every pinned WAL's size, and
+    /// checks that the copy is exact. Returns why the checkpoint must be taken again, if so.
     pub fn record_under_block(
         &mut self,
         rocksdb_dir: &Path,
         checkpoint: &Path,
     ) -> Result<Option<Fallback>> {
-        if let Some(why) = manifest_changed(rocksdb_dir, checkpoint)? {
-            return Ok(Some(why));
-        }
         if let Err(why) = self.link_new()? {
             return Ok(Some(why));
         }
         for (name, size) in self.pins.iter_mut() {
-            let pinned = self.pin_dir.join(name);
-            *size = Some(fs::metadata(&pinned).with_path("stat", &pinned)?.len());
+            let pinned = self.pin_dir.join(name.as_str());
+            let recorded = fs::metadata(&pinned).with_path("stat", &pinned)?.len();
+            if complete_prefix(&pinned, recorded)? != recorded {
+                return Ok(Some(format!("WAL {name} does not end with a whole record")));
+            }
+            *size = Some(recorded);
         }
-        for (name, ckpt_size) in wal_numbers(checkpoint)?.into_values() {
-            match self.pins.get(&name) {
-                Some(Some(size)) if *size >= ckpt_size => {}
+        for (name, ckpt_size) in self.in_checkpoint.values() {
+            match self.pins.get(name) {
+                Some(Some(size)) if size >= ckpt_size => {}
                 Some(_) => {
                     return Ok(Some(format!(
                         "WAL {name} is shorter than in the checkpoint"
                     )))
                 }
-                None => {} // closed before the checkpoint: its copy there is whole
+                None => return Ok(Some(format!("WAL {name} was deleted after the checkpoint"))),
             }
         }
-        Ok(None)
+        // Last: a flush that deleted a WAL after the links above shows here.
+        manifest_changed(rocksdb_dir, checkpoint)
     }
 
-    /// The WAL files to send: the pinned ones up to their last complete record within the
-    /// size recorded under the block, and those only the checkpoint holds.
-    pub fn files(&self, checkpoint: &Path) -> Result<Vec<WalFile>> {
+    /// The WAL files to send: the pinned ones, up to the size recorded under the block.
+    pub fn files(&self) -> Vec<WalFile> {
+        self.pins
+            .iter()
+            .map(|(name, size)| WalFile {
+                source: self.pin_dir.join(name),
+                name: name.clone(),
+                size: size.expect("recorded under the block"),
+            })
+            .collect()
+    }
+
+    /// The WAL files of a checkpoint taken while commits were blocked, each up to its last
+    /// whole record (a background write may have been in progress when RocksDB copied it).
+    pub fn checkpoint_files(checkpoint: &Path) -> Result<Vec<WalFile>> {
         let mut files = Vec::new();
-        for (name, ckpt_size) in wal_numbers(checkpoint)?.into_values() {
-            if !self.pins.contains_key(&name) {
-                files.push(WalFile {
-                    source: checkpoint.join(&name),
-                    name,
-                    size: ckpt_size,
-                });
-            }
-        }
-        for (name, size) in &self.pins {
-            let source = self.pin_dir.join(name);
-            let recorded = size.expect("recorded under the block");
-            let size = complete_prefix(&source, recorded)?;
-            if size < recorded {
+        for (name, size) in wal_numbers(checkpoint)?.into_values() {
+            let source = checkpoint.join(&name);
+            let whole = complete_prefix(&source, size)?;
+            if whole < size {
                 crate::warn!(
-                    "WAL {name}: {} bytes after its last complete record left out (a write in progress)",
-                    recorded - size
+                    "WAL {name}: {} bytes after its last whole record left out (a write in progress)",
+                    size - whole
                 );
             }
             files.push(WalFile {
                 source,
-                name: name.clone(),
-                size,
+                name,
+                size: whole,
             });
         }
-        files.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(files)
     }
 
-    /// The WAL files of a checkpoint taken while commits were blocked: whole.
-    pub fn checkpoint_files(checkpoint: &Path) -> Result<Vec<WalFile>> {
-        Ok(wal_numbers(checkpoint)?
-            .into_values()
-            .map(|(name, size)| WalFile {
-                source: checkpoint.join(&name),
-                name,
-                size,
-            })
-            .collect())
-    }
-
-    /// Links every live WAL not yet pinned and not older than the checkpoint needs.
+    /// Links every live WAL not yet pinned and not older than the checkpoint's oldest.
     fn link_new(&mut self) -> Result<std::result::Result<(), Fallback>> {
+        let oldest = self.in_checkpoint.keys().next().copied().unwrap_or(0);
         for (number, (name, _)) in wal_numbers(&self.wal_dir)? {
-            if number < self.oldest_needed || self.pins.contains_key(&name) {
+            if number < oldest || self.pins.contains_key(&name) {
                 continue;
             }
-            match fs::hard_link(self.wal_dir.join(&name), self.pin_dir.join(&name)) {
-                Ok(()) => {}
-                // Deleted since the listing: it was obsolete, or the MANIFEST check fails.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Ok(Err(format!("cannot link WAL {name}: {e}"))),
+            if let Err(e) = fs::hard_link(self.wal_dir.join(&name), self.pin_dir.join(&name)) {
+                return Ok(Err(format!("cannot link WAL {name}: {e}")));
             }
             self.pins.insert(name, None);
         }
@@ -183,7 +184,7 @@ fn wal_numbers(dir: &Path) -> Result<BTreeMap<u64, (String, u64)>> {
         let size = match entry.metadata() {
             Ok(md) => md.len(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(crate::error::Error::io(format!("cannot stat {name}"), e)),
+            Err(e) => return Err(Error::io(format!("cannot stat {name}"), e)),
         };
         wals.insert(number, (name, size));
     }
@@ -218,61 +219,53 @@ fn manifest_changed(rocksdb_dir: &Path, checkpoint: &Path) -> Result<Option<Fall
 }
 
 /// RocksDB's log format: 32 KiB blocks of records, each with a header of checksum (4),
-/// length (2) and type (1); the recyclable types add a log number (4).
+/// length (2) and type (1: a full record; 2, 3, 4: first, middle and last fragment). A
+/// block always starts with a header, so the end of a log is read from its last blocks only.
 const BLOCK: u64 = 32 << 10;
-const HEADER: u64 = 7;
-const RECYCLABLE_HEADER: u64 = 11;
+const HEADER: usize = 7;
 
-/// The end of the last complete record of the log at `path` within its first `limit` bytes.
+/// The end of the last whole record of the log at `path` within its first `limit` bytes.
+/// Record types other than 1 to 4 (a recycled or newer log format) are an error.
 pub fn complete_prefix(path: &Path, limit: u64) -> Result<u64> {
-    let file = File::open(path).with_path("open", path)?;
-    let mut input = BufReader::with_capacity(1 << 20, file.take(limit));
-    let (mut pos, mut complete) = (0u64, 0u64);
-    let mut header = [0u8; RECYCLABLE_HEADER as usize];
+    let mut file = File::open(path).with_path("open", path)?;
+    let mut block_start = limit.saturating_sub(1) / BLOCK * BLOCK;
     loop {
-        let left_in_block = BLOCK - pos % BLOCK;
-        if left_in_block < HEADER {
-            // A block's trailer: padding too short for a header.
-            if pos + left_in_block > limit {
-                break;
-            }
-            skip(&mut input, left_in_block).with_path("read", path)?;
-            pos += left_in_block;
-            continue;
-        }
-        if pos + HEADER > limit {
-            break;
-        }
-        input
-            .read_exact(&mut header[..HEADER as usize])
+        let end = limit.min(block_start + BLOCK);
+        let mut block = vec![0u8; (end - block_start) as usize];
+        file.seek(SeekFrom::Start(block_start))
+            .and_then(|_| file.read_exact(&mut block))
             .with_path("read", path)?;
-        let len = u16::from_le_bytes([header[4], header[5]]) as u64;
-        let kind = header[6];
-        let header_len = match kind {
-            1..=4 => HEADER,
-            5..=8 => RECYCLABLE_HEADER,
-            _ => break, // zeros past the end of the data, or not a record
-        };
-        let end = pos + header_len + len;
-        if end > limit || end > pos + left_in_block {
-            break;
+        let mut last_whole = None;
+        let mut pos = 0usize;
+        while pos + HEADER <= block.len() {
+            let len = u16::from_le_bytes([block[pos + 4], block[pos + 5]]) as usize;
+            let kind = block[pos + 6];
+            if kind == 0 && len == 0 {
+                break; // zeros: the block's trailer
+            }
+            if !(1..=4).contains(&kind) {
+                return Err(Error::Corrupt(format!(
+                    "{}: WAL record of unknown type {kind} at offset {}",
+                    path.display(),
+                    block_start + pos as u64
+                )));
+            }
+            let record_end = pos + HEADER + len;
+            if record_end > block.len() {
+                break; // cut inside this record
+            }
+            pos = record_end;
+            if kind == 1 || kind == 4 {
+                last_whole = Some(block_start + pos as u64);
+            }
         }
-        skip(&mut input, header_len - HEADER + len).with_path("read", path)?;
-        pos = end;
-        // Full and last fragments end a logical record.
-        if matches!(kind, 1 | 4 | 5 | 8) {
-            complete = pos;
+        match last_whole {
+            Some(end) => return Ok(end),
+            None if block_start == 0 => return Ok(0),
+            // Only fragments of a record that goes on: its start is in an earlier block.
+            None => block_start -= BLOCK,
         }
     }
-    Ok(complete)
-}
-
-fn skip(input: &mut impl Read, n: u64) -> std::io::Result<()> {
-    let skipped = std::io::copy(&mut input.take(n), &mut std::io::sink())?;
-    if skipped < n {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -288,11 +281,11 @@ mod tests {
             let mut first = true;
             loop {
                 let room = BLOCK as usize - out.len() % BLOCK as usize;
-                if room < HEADER as usize {
+                if room < HEADER {
                     out.extend(std::iter::repeat_n(0, room));
                     continue;
                 }
-                let take = left.min(room - HEADER as usize);
+                let take = left.min(room - HEADER);
                 let last = take == left;
                 let kind = match (first, last) {
                     (true, true) => 1,

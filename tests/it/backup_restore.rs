@@ -468,3 +468,103 @@ fn compaction_during_the_rounds_is_handled_and_obsolete_ssts_are_not_restored() 
         obsolete.len()
     );
 }
+
+/// With `rocksdb_manual_wal_flush` off, the final checkpoint is taken before commits are
+/// blocked and the WAL brought forward to the consistent point: under write load the copy
+/// is exact, and the stall has no checkpoint in it.
+#[test]
+fn the_wal_brought_forward_is_exact_under_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No compaction may finish between the checkpoint and the block (it would change the
+    // MANIFEST, and the checkpoint would be taken again): none runs at all here.
+    let log = backup_under_load_is_exact(
+        tmp.path(),
+        &tmp.path().join("wal"),
+        &["--rocksdb-default-cf-options=disable_auto_compactions=true"],
+    );
+    assert!(
+        !log.contains("Took the final checkpoint again"),
+        "the fast path was not taken:\n{log}"
+    );
+    assert!(log.contains("WAL sizes"), "{log}");
+}
+
+/// When the live WAL cannot be pinned (its directory is on another filesystem than the
+/// checkpoints), the final checkpoint is taken again while commits are blocked: the copy
+/// is just as exact under write load.
+#[test]
+fn the_checkpoint_under_the_block_fallback_is_exact_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wal_fs = Mount::tmpfs(&tmp.path().join("walfs"), 512);
+    let log = backup_under_load_is_exact(tmp.path(), &wal_fs.0.join("wal"), &[]);
+    assert!(
+        log.contains("Took the final checkpoint again while commits were blocked")
+            && log.contains("another filesystem"),
+        "{log}"
+    );
+}
+
+/// A bank under write load, its RocksDB WAL in `wal`, backed up, restored with its own WAL
+/// directory, checked consistent and made a replica that converges. Returns the backup log.
+fn backup_under_load_is_exact(
+    tmp: &std::path::Path,
+    wal: &std::path::Path,
+    extra: &[&str],
+) -> String {
+    let wal_dir = format!("--rocksdb-wal-dir={}", wal.display());
+    let mut opts = vec![wal_dir.as_str(), "--skip-rocksdb-manual-wal-flush"];
+    opts.extend_from_slice(extra);
+    let source = Server::start_with(&opts);
+    load_bank(&source, 20_000);
+    source.exec("SET GLOBAL rocksdb_force_flush_memtable_now = 1");
+    let load = Load::start(&source);
+    std::thread::sleep(Duration::from_millis(300));
+    let stream = tmp.join("b.xb");
+    let log = backup_ok(backup_cmd(&source, &["--stream", "xbstream"]), &stream, 0);
+    let x = tmp.join("x");
+    extract_with("ours", &stream, &x);
+    let gtid = manifest(&x)["backup"]["binlog"]["gtid_binlog_pos"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let restored = tmp.join("r");
+    let restored_wal = tmp.join("r-wal");
+    let res = std::process::Command::new(bin())
+        .arg("move-back")
+        .arg("--backup-dir")
+        .arg(&x)
+        .arg("--datadir")
+        .arg(&restored)
+        .arg("--rocksdb-waldir")
+        .arg(&restored_wal)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let copy = Server::start_on(
+        &restored,
+        &[
+            "--skip-slave-start",
+            &format!("--rocksdb-wal-dir={}", restored_wal.display()),
+        ],
+    );
+    assert_eq!(copy.logged_errors(), Vec::<String>::new(), "{log}");
+    assert_bank_consistent(&copy);
+    copy.exec(&format!(
+        "SET GLOBAL gtid_slave_pos = '{gtid}';
+         CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {}, MASTER_USER = 'root', MASTER_USE_GTID = slave_pos;
+         START SLAVE",
+        source.port
+    ));
+    assert!(load.stop() > 0);
+    let end = source.value("SELECT @@gtid_binlog_pos");
+    assert_eq!(
+        copy.value(&format!("SELECT MASTER_GTID_WAIT('{end}', 120)")),
+        "0"
+    );
+    assert_eq!(copy.checksums("bank"), source.checksums("bank"));
+    log
+}

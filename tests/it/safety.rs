@@ -49,6 +49,36 @@ fn sighup_cleans_up_like_sigterm() {
     assert_eq!(child.wait().unwrap().code(), Some(130));
     assert!(!ckpt_parent.exists(), "{:?}", leftovers(&ckpt_parent));
     assert_server_released(&server, tmp.path());
+
+    // Under nohup (SIGHUP ignored when the tool starts), a hang-up changes nothing.
+    let signal = tmp.path().join("go-nohup");
+    let stream = tmp.path().join("nohup.tar");
+    let mut cmd = backup_cmd(&server, &["--debug-signal-file", signal.to_str().unwrap()]);
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let child = cmd
+        .stdout(File::create(&stream).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while leftovers(&ckpt_parent).is_empty() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(300));
+    File::create(&signal).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    extract_ok(&stream, &tmp.path().join("nohup-x"));
 }
 
 #[test]
@@ -151,31 +181,6 @@ fn a_broken_stderr_never_crashes_the_run() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(child.wait().unwrap().code(), Some(130));
     assert!(!ckpt_parent.exists());
-}
-
-/// A tmpfs of `mib` MiB mounted for the test, unmounted when dropped.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(at: &Path, mib: u64) -> Mount {
-        assert!(
-            unsafe { libc::geteuid() } == 0,
-            "this test mounts a small tmpfs and must run as root"
-        );
-        fs::create_dir_all(at).unwrap();
-        run_ok(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-                .arg(at),
-        );
-        Mount(at.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 /// Fills the filesystem of `dir` until `free_mib` MiB are left; returns the filler file.
@@ -426,4 +431,102 @@ fn install_deps_leaves_a_running_server_alone() {
     );
     // The server still answers.
     assert_eq!(server.value("SELECT COUNT(*) FROM app.t"), "1000");
+}
+
+#[test]
+fn p_without_a_value_asks_on_the_terminal_and_only_there() {
+    let server = small_server();
+    server.exec(
+        "CREATE USER bk@localhost IDENTIFIED BY 'Sekr1t-pw';
+         GRANT RELOAD, SUPER, BINLOG MONITOR, SELECT ON *.* TO bk@localhost",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let stream = tmp.path().join("b.tar");
+    let backup = format!(
+        "{} backup --socket {} --user bk -p --stream tar > {} 2> {}",
+        bin().display(),
+        server.socket.display(),
+        stream.display(),
+        tmp.path().join("log").display()
+    );
+    // On a terminal (a pseudo-terminal that `script` makes), the password typed is read.
+    let out = Command::new("script")
+        .args(["-qec", &backup, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            std::thread::sleep(Duration::from_millis(500));
+            child.stdin.take().unwrap().write_all(b"Sekr1t-pw\n")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let log = fs::read_to_string(tmp.path().join("log")).unwrap_or_default();
+    assert!(out.status.success(), "{log}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Enter password"));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("Sekr1t"),
+        "echoed"
+    );
+    extract_ok(&stream, &tmp.path().join("x"));
+
+    // Without a terminal: a usage error that says what to do instead, nothing done.
+    let ckpt = tmp.path().join("ckpt");
+    let out = Command::new("setsid")
+        .arg("--wait")
+        .arg(bin())
+        .args(["backup", "--user", "bk", "-p", "--socket"])
+        .arg(&server.socket)
+        .arg("--checkpoint-dir")
+        .arg(&ckpt)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("MYSQL_PWD"), "{}", stderr(&out));
+    assert!(!ckpt.exists());
+}
+
+#[test]
+fn skip_bootstrap_restores_the_files_and_prints_the_command_that_finishes() {
+    let server = small_server();
+    server.exec("SET GLOBAL gtid_slave_pos = '0-1-42'");
+    let tmp = tempfile::tempdir().unwrap();
+    let stream = tmp.path().join("b.tar");
+    backup_ok(backup_cmd(&server, &[]), &stream, 0);
+    let x = tmp.path().join("x");
+    extract_ok(&stream, &x);
+    let target = tmp.path().join("it's here");
+    let out = Command::new(bin())
+        .args(["copy-back", "--skip-bootstrap", "--backup-dir"])
+        .arg(&x)
+        .arg("--datadir")
+        .arg(&target)
+        .env("PATH", "/nonexistent") // no mariadbd on this host
+        .output()
+        .unwrap();
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(!target.join("ibdata1").exists());
+    // Run what it printed, as the DBA would on the database host (here as root: the test's
+    // directories are not the mysql user's to enter).
+    let line = log
+        .lines()
+        .find(|l| l.contains("--skip-bootstrap"))
+        .unwrap();
+    let command = line.split("as root, run: ").nth(1).unwrap();
+    let command = command
+        .split_once(" && ")
+        .unwrap()
+        .1
+        .replace("--user=mysql", "--user=root");
+    let done = Command::new("sh").arg("-c").arg(&command).output().unwrap();
+    assert!(done.status.success(), "{command}: {}", stderr(&done));
+    assert!(!target.join("myrocks_hotbackup_innodb.sql").exists());
+    let copy = Server::start_on(&target, &[]);
+    assert_eq!(copy.logged_errors(), Vec::<String>::new());
+    assert_eq!(copy.value("SELECT @@gtid_slave_pos"), "0-1-42");
+    assert_eq!(copy.value("SELECT COUNT(*) FROM app.t"), "1000");
 }

@@ -150,3 +150,28 @@ pub fn backup_paused_before_consistent_point(server: &Server, signal: &Path, out
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     child
 }
+
+/// A tmpfs of `mib` MiB mounted for the test, unmounted when dropped.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    pub fn tmpfs(at: &Path, mib: u64) -> Mount {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "this test mounts a small tmpfs and must run as root"
+        );
+        fs::create_dir_all(at).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                .arg(at),
+        );
+        Mount(at.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
