@@ -18,10 +18,12 @@
 //!   block stay there for the whole block; MariaDB offers no statement that writes them
 //!   out without flushing the memtables. So this path is taken only with
 //!   `rocksdb_manual_wal_flush=OFF`, where each record reaches the file as it is written.
-//! - **No WAL the copy needs was deleted.** RocksDB deletes a WAL only after a flush, and
-//!   every flush (and compaction) writes to the MANIFEST: the live MANIFEST must still be the
-//!   checkpoint's (same file, same size), checked after the WALs are linked and measured.
-//!   Every WAL of the checkpoint must still be pinned.
+//! - **No WAL the copy needs was deleted.** RocksDB deletes a WAL only once a flush has
+//!   moved a log number, and it records that in the MANIFEST: the live MANIFEST must still be
+//!   the checkpoint's file, and every edit written to it since (compactions write theirs
+//!   all the time) must move no log number, add or drop no column family, and hold no field
+//!   this reader does not know. Checked after the WALs are linked and measured; every WAL
+//!   of the checkpoint must still be pinned.
 //! - **Each WAL ends with a whole record** at the recorded size (a background write is not
 //!   held back by the block), checked by reading the last block(s) of the log's framing.
 
@@ -191,8 +193,9 @@ fn wal_numbers(dir: &Path) -> Result<BTreeMap<u64, (String, u64)>> {
     Ok(wals)
 }
 
-/// Whether the live MANIFEST differs from the checkpoint's copy (another file, or longer):
-/// a flush or compaction finished since, which may have deleted a WAL.
+/// Whether the live MANIFEST has changed since the checkpoint's copy in a way that may have
+/// let RocksDB delete a WAL: another file, or new edits that move a log number (a flush).
+/// Edits of compactions (files added and deleted, sequence and file counters) do not.
 fn manifest_changed(rocksdb_dir: &Path, checkpoint: &Path) -> Result<Option<Fallback>> {
     let current = |dir: &Path| -> Result<String> {
         let path = dir.join("CURRENT");
@@ -210,12 +213,147 @@ fn manifest_changed(rocksdb_dir: &Path, checkpoint: &Path) -> Result<Option<Fall
         size(rocksdb_dir.join(&live))?,
         size(checkpoint.join(&ours))?,
     );
-    if live_size != our_size {
+    if live_size == our_size {
+        return Ok(None);
+    }
+    if live_size < our_size {
         return Ok(Some(format!(
-            "a flush or compaction finished after the checkpoint ({live} grew from {our_size} to {live_size} bytes)"
+            "{live} is shorter than the checkpoint's copy"
         )));
     }
-    Ok(None)
+    let path = rocksdb_dir.join(&live);
+    let mut tail = vec![0u8; (live_size - our_size) as usize];
+    File::open(&path)
+        .and_then(|mut f| {
+            f.seek(SeekFrom::Start(our_size))?;
+            f.read_exact(&mut tail)
+        })
+        .with_path("read", &path)?;
+    let records = log_records(&tail, our_size);
+    match records.and_then(|r| {
+        r.iter()
+            .try_for_each(|e| edit_keeps_wals(e))
+            .map(|()| r.len())
+    }) {
+        Ok(edits) => {
+            crate::info!(
+                "{live} recorded {edits} edits after the checkpoint (compactions), none that lets RocksDB delete a WAL"
+            );
+            Ok(None)
+        }
+        Err(why) => Ok(Some(format!("after the checkpoint, {live} recorded {why}"))),
+    }
+}
+
+/// The records of a piece of a log that starts at offset `start` of the file on a record
+/// boundary, fragments joined. The piece must end on a record boundary too.
+fn log_records(piece: &[u8], start: u64) -> std::result::Result<Vec<Vec<u8>>, String> {
+    let (mut records, mut partial) = (Vec::new(), None::<Vec<u8>>);
+    let mut pos = 0usize;
+    while pos < piece.len() {
+        let left_in_block = (BLOCK - (start + pos as u64) % BLOCK) as usize;
+        if left_in_block < HEADER {
+            pos += left_in_block; // the block's trailer
+            continue;
+        }
+        let header = piece
+            .get(pos..pos + HEADER)
+            .ok_or("an edit being written")?;
+        let len = u16::from_le_bytes([header[4], header[5]]) as usize;
+        let body = piece
+            .get(pos + HEADER..pos + HEADER + len)
+            .ok_or("an edit being written")?;
+        match (header[6], partial.take()) {
+            (1, None) => records.push(body.to_vec()),
+            (2, None) => partial = Some(body.to_vec()),
+            (3, Some(mut r)) => {
+                r.extend_from_slice(body);
+                partial = Some(r);
+            }
+            (4, Some(mut r)) => {
+                r.extend_from_slice(body);
+                records.push(r);
+            }
+            (kind, _) => return Err(format!("a log record of unexpected type {kind}")),
+        }
+        pos += HEADER + len;
+    }
+    match partial {
+        None => Ok(records),
+        Some(_) => Err("an edit being written".into()),
+    }
+}
+
+/// Reads one RocksDB VersionEdit, every field of it, and says why it may have let a WAL be
+/// deleted: a log number moved, a column family added or dropped, or a field this reader
+/// does not know (then it cannot tell). Tag numbers are RocksDB's (`version_edit.h`).
+fn edit_keeps_wals(edit: &[u8]) -> std::result::Result<(), String> {
+    let mut r = Reader(edit);
+    while !r.0.is_empty() {
+        let tag = r.varint()?;
+        match tag {
+            1 => r.skip_slice()?,                                 // comparator
+            3 | 4 => r.skip_varints(1)?,                          // next file number, last sequence
+            5 => r.skip_varints(1).and_then(|_| r.skip_slice())?, // compaction cursor
+            6 => r.skip_varints(2)?,                              // deleted file: level, number
+            7 => r.skip_new_file(3, 0)?,                          // new file: level, number, size
+            100 => r.skip_new_file(3, 2)?,                        // + smallest and largest seqno
+            102 => r.skip_new_file(4, 2)?,                        // + path id
+            103 => {
+                // level, number, size, keys, seqnos, then tagged fields up to kTerminate (1)
+                r.skip_new_file(3, 2)?;
+                while r.varint()? != 1 {
+                    r.skip_slice()?;
+                }
+            }
+            9 => {
+                // prev log number: written into every edit, 0 unless a legacy DB set it
+                if r.varint()? != 0 {
+                    return Err("a previous log number".into());
+                }
+            }
+            200 | 203 | 300 => r.skip_varints(1)?, // column family, max, atomic group
+            2 | 10 => return Err("a flush (a new log number)".into()),
+            201 | 202 => return Err("a column family added or dropped".into()),
+            other => return Err(format!("an edit field this tool does not read ({other})")),
+        }
+    }
+    Ok(())
+}
+
+/// A cursor over an edit's bytes.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn varint(&mut self) -> std::result::Result<u64, String> {
+        let mut value = 0u64;
+        for (i, &b) in self.0.iter().enumerate().take(10) {
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                self.0 = &self.0[i + 1..];
+                return Ok(value);
+            }
+        }
+        Err("a malformed edit".into())
+    }
+
+    fn skip_varints(&mut self, n: usize) -> std::result::Result<(), String> {
+        (0..n).try_for_each(|_| self.varint().map(|_| ()))
+    }
+
+    fn skip_slice(&mut self) -> std::result::Result<(), String> {
+        let len = self.varint()? as usize;
+        self.0 = self.0.get(len..).ok_or("a malformed edit")?;
+        Ok(())
+    }
+
+    /// A new file's numbers before its two keys, the keys, and the numbers after them.
+    fn skip_new_file(&mut self, before: usize, after: usize) -> std::result::Result<(), String> {
+        self.skip_varints(before)?;
+        self.skip_slice()?;
+        self.skip_slice()?;
+        self.skip_varints(after)
+    }
 }
 
 /// RocksDB's log format: 32 KiB blocks of records, each with a header of checksum (4),
@@ -339,5 +477,108 @@ mod tests {
             complete_prefix(&path, padded.len() as u64).unwrap(),
             *ends.last().unwrap()
         );
+    }
+
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    fn slice(bytes: &[u8], out: &mut Vec<u8>) {
+        varint(bytes.len() as u64, out);
+        out.extend_from_slice(bytes);
+    }
+
+    /// Frames records as RocksDB's log writer does, from file offset `start`.
+    fn frame(records: &[Vec<u8>], start: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in records {
+            let mut left: &[u8] = r;
+            let mut first = true;
+            loop {
+                let room = (BLOCK - (start + out.len() as u64) % BLOCK) as usize;
+                if room < HEADER {
+                    out.extend(std::iter::repeat_n(0, room));
+                    continue;
+                }
+                let take = left.len().min(room - HEADER);
+                let last = take == left.len();
+                let kind = match (first, last) {
+                    (true, true) => 1,
+                    (true, false) => 2,
+                    (false, false) => 3,
+                    (false, true) => 4,
+                };
+                out.extend_from_slice(&[0, 0, 0, 0]);
+                out.extend_from_slice(&(take as u16).to_le_bytes());
+                out.push(kind);
+                out.extend_from_slice(&left[..take]);
+                left = &left[take..];
+                first = false;
+                if last {
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// A compaction's edit: files deleted and added (with tagged fields), counters, and the
+    /// previous log number RocksDB writes into every edit.
+    fn compaction_edit(big_key: usize) -> Vec<u8> {
+        let mut e = Vec::new();
+        for (tag, v) in [(200, 2), (9, 0), (3, 77), (4, 123_456)] {
+            varint(tag, &mut e);
+            varint(v, &mut e);
+        }
+        for number in [12, 13] {
+            varint(6, &mut e);
+            varint(0, &mut e);
+            varint(number, &mut e);
+        }
+        varint(103, &mut e);
+        for v in [1, 76, 4096] {
+            varint(v, &mut e);
+        }
+        slice(&vec![b'a'; big_key], &mut e);
+        slice(b"zz", &mut e);
+        varint(5, &mut e);
+        varint(900, &mut e);
+        varint(66, &mut e); // a tagged field (say, the file's creation time)
+        slice(&[1, 2, 3], &mut e);
+        varint(1, &mut e); // kTerminate
+        e
+    }
+
+    #[test]
+    fn compaction_edits_keep_wals_and_flush_edits_do_not() {
+        let start = 32_700; // near a block's end: the first record is fragmented
+        let edits = vec![compaction_edit(10), compaction_edit(40_000)];
+        let bytes = frame(&edits, start);
+        let records = log_records(&bytes, start).unwrap();
+        assert_eq!(records, edits);
+        assert!(records.iter().all(|r| edit_keeps_wals(r).is_ok()));
+
+        let mut flush = compaction_edit(10);
+        varint(2, &mut flush); // a new log number
+        varint(80, &mut flush);
+        assert!(edit_keeps_wals(&flush).unwrap_err().contains("flush"));
+        let mut min_log = compaction_edit(10);
+        varint(10, &mut min_log);
+        varint(80, &mut min_log);
+        assert!(edit_keeps_wals(&min_log).is_err());
+        let mut prev_log = Vec::new();
+        varint(9, &mut prev_log);
+        varint(5, &mut prev_log);
+        assert!(edit_keeps_wals(&prev_log).is_err());
+        let mut unknown = compaction_edit(10);
+        varint(400, &mut unknown);
+        assert!(edit_keeps_wals(&unknown).is_err());
+        // A truncated edit, and a log that ends inside a record, are not trusted.
+        assert!(edit_keeps_wals(&compaction_edit(10)[..20]).is_err());
+        assert!(log_records(&bytes[..bytes.len() - 3], start).is_err());
     }
 }

@@ -67,12 +67,7 @@ fn a_copy_of_a_replica_resumes_replication_from_the_recorded_files() {
     assert!(!x.join("xtrabackup_binlog_info").exists());
 
     let restored = tmp.path().join("restored");
-    let res = move_back(&x, &restored);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    restore_ok("move-back", &x, &restored, &[]);
     let copy = Server::start_on(&restored, &["--skip-slave-start"]);
     assert_eq!(copy.logged_errors(), Vec::<String>::new());
     // The rows of mysql.gtid_slave_pos came back: the copy knows where it stands.
@@ -115,18 +110,11 @@ fn a_server_without_innodb_is_backed_up_and_restored_without_innodb() {
 
     // No mariadbd is needed: there is nothing for InnoDB to re-create.
     let restored = tmp.path().join("r");
-    let res = std::process::Command::new(crate::common::bin())
-        .args(["copy-back", "--mariadbd", "/nonexistent/mariadbd"])
-        .arg("--backup-dir")
-        .arg(&x)
-        .arg("--datadir")
-        .arg(&restored)
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
+    restore_ok(
+        "copy-back",
+        &x,
+        &restored,
+        &["--mariadbd", "/nonexistent/mariadbd"],
     );
     let copy = Server::start_on(&restored, NO_INNODB);
     assert_eq!(copy.value("SELECT SUM(v) FROM app.t"), "12502500");

@@ -307,37 +307,21 @@ fn a_password_on_the_command_line_is_scrubbed() {
         &["-pSekr1t-pw"],
     ] {
         let signal = tmp.path().join("go");
-        let mut child = Command::new(bin())
-            .arg("backup")
+        let mut cmd = Command::new(bin());
+        cmd.arg("backup")
             .arg("--socket")
             .arg(&server.socket)
             .args(["--user", "bk"])
             .args(form)
             .arg("--debug-signal-file")
             .arg(&signal)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        while !String::from_utf8_lossy(&seen).contains("Waiting until") {
-            use std::io::Read;
-            assert_eq!(
-                err.read(&mut byte).unwrap(),
-                1,
-                "{}",
-                String::from_utf8_lossy(&seen)
-            );
-            seen.push(byte[0]);
-        }
+            .stdout(Stdio::null());
+        let mut child = spawn_until_waiting(cmd);
         let cmdline = fs::read(format!("/proc/{}/cmdline", child.id())).unwrap();
         let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         assert!(!shown.contains("Sekr1t"), "{form:?}: {shown}");
         assert!(shown.contains("xxxx"), "{form:?}: {shown}");
         File::create(&signal).unwrap();
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
         assert!(child.wait().unwrap().success());
         fs::remove_file(&signal).unwrap();
     }

@@ -115,6 +115,27 @@ pub fn move_back(backup: &Path, datadir: &Path) -> Output {
         .unwrap()
 }
 
+/// `move-back` or `copy-back` (`command`) of `backup` into `datadir` with extra arguments,
+/// asserting success. Returns its log.
+pub fn restore_ok(command: &str, backup: &Path, datadir: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .arg(command)
+        .arg("--backup-dir")
+        .arg(backup)
+        .arg("--datadir")
+        .arg(datadir)
+        .args(args)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{command} failed ({}):\n{log}",
+        out.status
+    );
+    log
+}
+
 /// The backup's manifest, parsed.
 pub fn manifest(backup_dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&fs::read(backup_dir.join("myrocks_hotbackup.json")).unwrap()).unwrap()
@@ -129,11 +150,14 @@ pub fn leftovers(dir: &Path) -> Vec<PathBuf> {
 
 /// Starts a backup that waits at the debug signal file, and returns once it waits there.
 pub fn backup_paused_before_consistent_point(server: &Server, signal: &Path, out: &Path) -> Child {
-    let mut child = backup_cmd(server, &["--debug-signal-file", signal.to_str().unwrap()])
-        .stdout(File::create(out).unwrap())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = backup_cmd(server, &["--debug-signal-file", signal.to_str().unwrap()]);
+    cmd.stdout(File::create(out).unwrap());
+    spawn_until_waiting(cmd)
+}
+
+/// Starts a backup given `--debug-signal-file`, and returns once it waits there.
+pub fn spawn_until_waiting(mut cmd: Command) -> Child {
+    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
     let mut stderr = child.stderr.take().unwrap();
     let mut seen = Vec::new();
     let mut byte = [0u8; 1];
