@@ -106,16 +106,14 @@ impl Aside {
         self.seal_csv_tables()?;
         for c in self.copies.values() {
             let md = fs::metadata(&c.source).with_path("stat", &c.source)?;
+            File::open(&c.copy)
+                .and_then(|f| f.set_modified(md.modified()?))
+                .with_path("set the time of", &c.copy)?;
             fs::set_permissions(&c.copy, md.permissions()).with_path("chmod", &c.copy)?;
             if crate::sys::is_root() {
                 std::os::unix::fs::chown(&c.copy, Some(md.uid()), Some(md.gid()))
                     .with_path("chown", &c.copy)?;
             }
-            File::options()
-                .write(true)
-                .open(&c.copy)
-                .and_then(|f| f.set_modified(md.modified()?))
-                .with_path("set the time of", &c.copy)?;
         }
         Ok(())
     }
@@ -133,16 +131,29 @@ impl Aside {
             let Some(meta) = self.copies.get(&format!("{stem}.CSM")) else {
                 continue;
             };
-            let data = fs::read(&c.copy).with_path("read", &c.copy)?;
-            let whole = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            if whole < data.len() {
+            // Rows end with a newline (the CSV engine escapes those inside values).
+            let (mut rows, mut whole, mut offset) = (0u64, 0u64, 0u64);
+            let mut input = File::open(&c.copy).with_path("open", &c.copy)?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n =
+                    crate::source::read_full(&mut input, &mut buf).with_path("read", &c.copy)?;
+                if n == 0 {
+                    break;
+                }
+                for (i, _) in buf[..n].iter().enumerate().filter(|(_, &b)| b == b'\n') {
+                    rows += 1;
+                    whole = offset + i as u64 + 1;
+                }
+                offset += n as u64;
+            }
+            if whole < offset {
                 let f = fs::OpenOptions::new()
                     .write(true)
                     .open(&c.copy)
                     .with_path("open", &c.copy)?;
-                f.set_len(whole as u64).with_path("truncate", &c.copy)?;
+                f.set_len(whole).with_path("truncate", &c.copy)?;
             }
-            let rows = data[..whole].iter().filter(|&&b| b == b'\n').count() as u64;
             fs::write(&meta.copy, csv_meta(rows)).with_path("write", &meta.copy)?;
         }
         Ok(())

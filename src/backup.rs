@@ -552,12 +552,7 @@ impl Job<'_> {
         let step = Instant::now();
         server.create_checkpoint(&checkpoint)?;
         let pin_dir = area.scratch_dir("wal")?;
-        let pins = WalPins::pin(
-            &info.rocksdb_wal_dir,
-            &checkpoint,
-            pin_dir.clone(),
-            info.rocksdb_manual_wal_flush,
-        )?;
+        let pins = WalPins::pin(info, &checkpoint, pin_dir.clone())?;
         info!(
             "Created the final checkpoint at {} in {:.1} ms",
             checkpoint.display(),
@@ -706,6 +701,12 @@ impl Job<'_> {
 
 /// Every file of a checkpoint with its size, by name (SSTs therefore oldest first).
 fn list_checkpoint(dir: &Path) -> Result<Vec<(String, u64)>> {
+    if !fs::symlink_metadata(dir).with_path("stat", dir)?.is_dir() {
+        return Err(Error::Refused(format!(
+            "checkpoint {} is not a directory (replaced by a link?)",
+            dir.display()
+        )));
+    }
     let mut files = Vec::new();
     for entry in fs::read_dir(dir).with_path("list", dir)? {
         let entry = entry.with_path("list", dir)?;

@@ -20,8 +20,8 @@ impl Cancel {
 
     /// Routes SIGINT, SIGTERM and SIGHUP to this token instead of killing the process. A second
     /// SIGINT or SIGTERM, while the first signal is being handled, ends the process at once.
-    /// SIGHUP never does (a hang-up often comes twice), and under `nohup` (SIGHUP ignored)
-    /// it stays ignored.
+    /// SIGHUP neither does nor counts as a first signal (a hang-up often comes twice, or
+    /// before a SIGTERM), and under `nohup` (SIGHUP ignored) it stays ignored.
     pub fn on_signals() -> std::io::Result<Cancel> {
         let cancel = Cancel::default();
         let seen = Arc::new(AtomicBool::new(false));
@@ -35,7 +35,6 @@ impl Cancel {
             signal_hook::flag::register_usize(sig, cancel.signal.clone(), sig as usize)?;
         }
         if !crate::sys::is_ignored(libc::SIGHUP) {
-            signal_hook::flag::register(libc::SIGHUP, seen)?;
             signal_hook::flag::register_usize(
                 libc::SIGHUP,
                 cancel.signal.clone(),

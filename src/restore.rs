@@ -271,6 +271,9 @@ fn files_under(dir: &Path, prefix: &str) -> Result<Vec<String>> {
     for entry in fs::read_dir(dir).with_path("list", dir)? {
         let entry = entry.with_path("list", dir)?;
         let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+        if name == "lost+found" {
+            continue; // the backup directory is a filesystem's root
+        }
         if entry.file_type().with_path("stat", &entry.path())?.is_dir() {
             files.extend(files_under(&entry.path(), &format!("{name}/"))?);
         } else {
@@ -313,7 +316,7 @@ fn plan(
     for entry in fs::read_dir(backup).with_path("list", backup)? {
         let path = entry.with_path("list", backup)?.path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if METADATA.contains(&name.as_str()) {
+        if METADATA.contains(&name.as_str()) || name == "lost+found" {
             continue;
         }
         if path.is_file() && is_server_state(&name) {

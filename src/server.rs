@@ -30,6 +30,9 @@ pub struct ServerInfo {
     /// `@@rocksdb_manual_wal_flush`: RocksDB may hold WAL records in memory.
     #[serde(default)]
     pub rocksdb_manual_wal_flush: bool,
+    /// `@@global.rocksdb_write_disable_wal`: writes may bypass the WAL.
+    #[serde(default)]
+    pub rocksdb_write_disable_wal: bool,
 }
 
 /// Where a replica stood at the consistent point, for a copy to resume replication.
@@ -320,10 +323,16 @@ impl Server {
         let innodb = self.value(
             "SELECT SUPPORT IN ('YES', 'DEFAULT') FROM information_schema.ENGINES WHERE ENGINE = 'InnoDB'",
         )?;
-        // Unknown (an older plugin): assume the WAL may be buffered.
-        let manual_wal_flush = self
-            .value("SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_VARIABLES WHERE VARIABLE_NAME = 'ROCKSDB_MANUAL_WAL_FLUSH'")?
-            .is_none_or(|v| v != "OFF");
+        // Unknown (an older plugin): assume the worst.
+        let mut rocksdb_flag = |name: &str| -> Result<bool> {
+            Ok(self
+                .value(&format!(
+                    "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_VARIABLES WHERE VARIABLE_NAME = '{name}'"
+                ))?
+                .is_none_or(|v| v != "OFF"))
+        };
+        let manual_wal_flush = rocksdb_flag("ROCKSDB_MANUAL_WAL_FLUSH")?;
+        let write_disable_wal = rocksdb_flag("ROCKSDB_WRITE_DISABLE_WAL")?;
         Ok(ServerInfo {
             version,
             hostname,
@@ -333,6 +342,7 @@ impl Server {
             aria_log_dir: normalize(&aria_log_dir),
             innodb: innodb.as_deref() == Some("1"),
             rocksdb_manual_wal_flush: manual_wal_flush,
+            rocksdb_write_disable_wal: write_disable_wal,
         })
     }
 

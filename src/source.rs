@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, Read};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
@@ -66,7 +66,12 @@ impl FileReader {
         size: Option<u64>,
         dest: &mut dyn Destination,
     ) -> Result<FileRecord> {
-        let mut file = File::open(src).with_path("open", src)?;
+        // Never through a symbolic link: the checkpoint directory is the server's to write.
+        let mut file = File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(src)
+            .with_path("open", src)?;
         let md = file.metadata().with_path("stat", src)?;
         if !md.is_file() {
             return Err(Error::Refused(format!(

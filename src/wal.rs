@@ -17,7 +17,9 @@
 //!   and with the binary log on, the commit markers of the last transactions before the
 //!   block stay there for the whole block; MariaDB offers no statement that writes them
 //!   out without flushing the memtables. So this path is taken only with
-//!   `rocksdb_manual_wal_flush=OFF`, where each record reaches the file as it is written.
+//!   `rocksdb_manual_wal_flush=OFF`, where each record reaches the file as it is written,
+//!   and not with `rocksdb_write_disable_wal` on globally. (A session that sets it for
+//!   itself is not seen: its writes between the checkpoint and the block would be missed.)
 //! - **No WAL the copy needs was deleted.** RocksDB deletes a WAL only once a flush has
 //!   moved a log number, and it records that in the MANIFEST: the live MANIFEST must still be
 //!   the checkpoint's file, and every edit written to it since (compactions write theirs
@@ -34,6 +36,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
+use crate::server::ServerInfo;
 
 /// A WAL file as the backup sends it.
 pub struct WalFile {
@@ -60,18 +63,23 @@ impl WalPins {
     /// Right after the checkpoint `checkpoint` was created: pins the live WALs it may need
     /// into `pin_dir`, or says why the WAL cannot be brought forward on this server.
     pub fn pin(
-        wal_dir: &Path,
+        server: &ServerInfo,
         checkpoint: &Path,
         pin_dir: PathBuf,
-        manual_wal_flush: bool,
     ) -> Result<std::result::Result<WalPins, Fallback>> {
-        if manual_wal_flush {
+        if server.rocksdb_manual_wal_flush {
             return Ok(Err(
                 "rocksdb_manual_wal_flush is on, so the last commits may still be in the server's \
                  memory (a server started with --skip-rocksdb-manual-wal-flush has a shorter stall)"
                     .into(),
             ));
         }
+        if server.rocksdb_write_disable_wal {
+            return Ok(Err(
+                "rocksdb_write_disable_wal is on: writes may not be in the WAL".into(),
+            ));
+        }
+        let wal_dir = &server.rocksdb_wal_dir;
         let dev = |p: &Path| fs::metadata(p).with_path("stat", p).map(|m| m.dev());
         if dev(wal_dir)? != dev(&pin_dir)? {
             return Ok(Err(format!(
@@ -101,7 +109,8 @@ impl WalPins {
         for (name, size) in self.pins.iter_mut() {
             let pinned = self.pin_dir.join(name.as_str());
             let recorded = fs::metadata(&pinned).with_path("stat", &pinned)?.len();
-            if complete_prefix(&pinned, recorded)? != recorded {
+            // The last block only: under the block, a long walk back is not worth it.
+            if complete_prefix(&pinned, recorded, 1)? != Some(recorded) {
                 return Ok(Some(format!("WAL {name} does not end with a whole record")));
             }
             *size = Some(recorded);
@@ -139,7 +148,8 @@ impl WalPins {
         let mut files = Vec::new();
         for (name, size) in wal_numbers(checkpoint)?.into_values() {
             let source = checkpoint.join(&name);
-            let whole = complete_prefix(&source, size)?;
+            // A log of a format not read here is sent as RocksDB copied it.
+            let whole = complete_prefix(&source, size, usize::MAX)?.unwrap_or(size);
             if whole < size {
                 crate::warn!(
                     "WAL {name}: {} bytes after its last whole record left out (a write in progress)",
@@ -162,8 +172,12 @@ impl WalPins {
             if number < oldest || self.pins.contains_key(&name) {
                 continue;
             }
-            if let Err(e) = fs::hard_link(self.wal_dir.join(&name), self.pin_dir.join(&name)) {
-                return Ok(Err(format!("cannot link WAL {name}: {e}")));
+            match fs::hard_link(self.wal_dir.join(&name), self.pin_dir.join(&name)) {
+                Ok(()) => {}
+                // Purged since the listing: not one the checkpoint holds (checked later), so
+                // obsolete before it; a deletion after it shows in the MANIFEST.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Ok(Err(format!("cannot link WAL {name}: {e}"))),
             }
             self.pins.insert(name, None);
         }
@@ -208,11 +222,17 @@ fn manifest_changed(rocksdb_dir: &Path, checkpoint: &Path) -> Result<Option<Fall
     if live != ours {
         return Ok(Some(format!("RocksDB switched from {ours} to {live}")));
     }
-    let size = |p: PathBuf| fs::metadata(&p).with_path("stat", &p).map(|m| m.len());
-    let (live_size, our_size) = (
-        size(rocksdb_dir.join(&live))?,
-        size(checkpoint.join(&ours))?,
-    );
+    let live_size = match fs::metadata(rocksdb_dir.join(&live)) {
+        Ok(md) => md.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Some(format!("RocksDB replaced {live}")))
+        }
+        Err(e) => return Err(Error::io(format!("cannot stat {live}"), e)),
+    };
+    let ours_path = checkpoint.join(&ours);
+    let our_size = fs::metadata(&ours_path)
+        .with_path("stat", &ours_path)?
+        .len();
     if live_size == our_size {
         return Ok(None);
     }
@@ -223,12 +243,13 @@ fn manifest_changed(rocksdb_dir: &Path, checkpoint: &Path) -> Result<Option<Fall
     }
     let path = rocksdb_dir.join(&live);
     let mut tail = vec![0u8; (live_size - our_size) as usize];
-    File::open(&path)
-        .and_then(|mut f| {
-            f.seek(SeekFrom::Start(our_size))?;
-            f.read_exact(&mut tail)
-        })
-        .with_path("read", &path)?;
+    let read = File::open(&path).and_then(|mut f| {
+        f.seek(SeekFrom::Start(our_size))?;
+        f.read_exact(&mut tail)
+    });
+    if let Err(e) = read {
+        return Ok(Some(format!("cannot read {live}: {e}")));
+    }
     let records = log_records(&tail, our_size);
     match records.and_then(|r| {
         r.iter()
@@ -289,6 +310,7 @@ fn log_records(piece: &[u8], start: u64) -> std::result::Result<Vec<Vec<u8>>, St
 /// does not know (then it cannot tell). Tag numbers are RocksDB's (`version_edit.h`).
 fn edit_keeps_wals(edit: &[u8]) -> std::result::Result<(), String> {
     let mut r = Reader(edit);
+    let (mut added, mut deleted) = (false, false);
     while !r.0.is_empty() {
         let tag = r.varint()?;
         match tag {
@@ -300,10 +322,15 @@ fn edit_keeps_wals(edit: &[u8]) -> std::result::Result<(), String> {
             100 => r.skip_new_file(3, 2)?,                        // + smallest and largest seqno
             102 => r.skip_new_file(4, 2)?,                        // + path id
             103 => {
-                // level, number, size, keys, seqnos, then tagged fields up to kTerminate (1)
+                // level, number, size, keys, seqnos, then tagged fields up to kTerminate (1);
+                // field 3 is where a flush records the minimum log number to keep
                 r.skip_new_file(3, 2)?;
-                while r.varint()? != 1 {
-                    r.skip_slice()?;
+                loop {
+                    match r.varint()? {
+                        1 => break,
+                        3 => return Err("a flush (a minimum log number to keep)".into()),
+                        _ => r.skip_slice()?,
+                    }
                 }
             }
             9 => {
@@ -317,6 +344,13 @@ fn edit_keeps_wals(edit: &[u8]) -> std::result::Result<(), String> {
             201 | 202 => return Err("a column family added or dropped".into()),
             other => return Err(format!("an edit field this tool does not read ({other})")),
         }
+        added |= matches!(tag, 7 | 100 | 102 | 103);
+        deleted |= tag == 6;
+    }
+    // A compaction (or a move between levels) replaces files; files added alone come from
+    // a flush or an ingestion (a bulk load), whose rows are in no WAL.
+    if added && !deleted {
+        return Err("files added without a compaction (a flush or a bulk load)".into());
     }
     Ok(())
 }
@@ -362,12 +396,16 @@ impl Reader<'_> {
 const BLOCK: u64 = 32 << 10;
 const HEADER: usize = 7;
 
-/// The end of the last whole record of the log at `path` within its first `limit` bytes.
-/// Record types other than 1 to 4 (a recycled or newer log format) are an error.
-pub fn complete_prefix(path: &Path, limit: u64) -> Result<u64> {
+/// The end of the last whole record of the log at `path` within its first `limit` bytes,
+/// read from at most `blocks` blocks back from there. None when there is none in those
+/// blocks, or a record of another format (a recycled log's) comes first.
+pub fn complete_prefix(path: &Path, limit: u64, blocks: usize) -> Result<Option<u64>> {
+    if limit == 0 {
+        return Ok(Some(0));
+    }
     let mut file = File::open(path).with_path("open", path)?;
-    let mut block_start = limit.saturating_sub(1) / BLOCK * BLOCK;
-    loop {
+    let mut block_start = (limit - 1) / BLOCK * BLOCK;
+    for _ in 0..blocks {
         let end = limit.min(block_start + BLOCK);
         let mut block = vec![0u8; (end - block_start) as usize];
         file.seek(SeekFrom::Start(block_start))
@@ -382,11 +420,7 @@ pub fn complete_prefix(path: &Path, limit: u64) -> Result<u64> {
                 break; // zeros: the block's trailer
             }
             if !(1..=4).contains(&kind) {
-                return Err(Error::Corrupt(format!(
-                    "{}: WAL record of unknown type {kind} at offset {}",
-                    path.display(),
-                    block_start + pos as u64
-                )));
+                return Ok(None);
             }
             let record_end = pos + HEADER + len;
             if record_end > block.len() {
@@ -398,12 +432,13 @@ pub fn complete_prefix(path: &Path, limit: u64) -> Result<u64> {
             }
         }
         match last_whole {
-            Some(end) => return Ok(end),
-            None if block_start == 0 => return Ok(0),
+            Some(end) => return Ok(Some(end)),
+            None if block_start == 0 => return Ok(Some(0)),
             // Only fragments of a record that goes on: its start is in an earlier block.
             None => block_start -= BLOCK,
         }
     }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -453,8 +488,8 @@ mod tests {
         let path = dir.path().join("000007.log");
         fs::write(&path, &bytes).unwrap();
         assert_eq!(
-            complete_prefix(&path, bytes.len() as u64).unwrap(),
-            *ends.last().unwrap()
+            complete_prefix(&path, bytes.len() as u64, usize::MAX).unwrap(),
+            ends.last().copied()
         );
         let cuts = (0..bytes.len() as u64)
             .step_by(97)
@@ -467,16 +502,27 @@ mod tests {
                 .filter(|&e| e <= cut)
                 .max()
                 .unwrap_or(0);
-            assert_eq!(complete_prefix(&path, cut).unwrap(), want, "cut at {cut}");
+            assert_eq!(
+                complete_prefix(&path, cut, usize::MAX).unwrap(),
+                Some(want),
+                "cut at {cut}"
+            );
         }
         // Preallocated zeros after the data end the log.
         let mut padded = bytes.clone();
         padded.extend(std::iter::repeat_n(0, 5000));
         fs::write(&path, &padded).unwrap();
         assert_eq!(
-            complete_prefix(&path, padded.len() as u64).unwrap(),
-            *ends.last().unwrap()
+            complete_prefix(&path, padded.len() as u64, usize::MAX).unwrap(),
+            ends.last().copied()
         );
+        // One block back at most: a cut inside the 40,000-byte record finds no end.
+        assert_eq!(complete_prefix(&path, ends[0] + 35_000, 1).unwrap(), None);
+        // A record of the recyclable format is not read.
+        let mut recycled = bytes.clone();
+        recycled[6] = 5;
+        fs::write(&path, &recycled).unwrap();
+        assert_eq!(complete_prefix(&path, 50, usize::MAX).unwrap(), None);
     }
 
     fn varint(mut v: u64, out: &mut Vec<u8>) {
@@ -574,6 +620,31 @@ mod tests {
         varint(9, &mut prev_log);
         varint(5, &mut prev_log);
         assert!(edit_keeps_wals(&prev_log).is_err());
+        // A bulk load's ingestion adds a file and deletes none; a 6.29 flush records its
+        // minimum log number in custom field 3 of the new file.
+        let mut ingestion = Vec::new();
+        for (tag, v) in [(200, 2), (9, 0), (3, 78), (4, 123_999)] {
+            varint(tag, &mut ingestion);
+            varint(v, &mut ingestion);
+        }
+        varint(103, &mut ingestion);
+        for v in [6, 77, 4096] {
+            varint(v, &mut ingestion);
+        }
+        slice(b"a", &mut ingestion);
+        slice(b"b", &mut ingestion);
+        varint(5, &mut ingestion);
+        varint(9, &mut ingestion);
+        varint(1, &mut ingestion);
+        assert!(edit_keeps_wals(&ingestion)
+            .unwrap_err()
+            .contains("bulk load"));
+        let mut hack = ingestion.clone();
+        hack.pop();
+        varint(3, &mut hack);
+        slice(&80u64.to_le_bytes(), &mut hack);
+        varint(1, &mut hack);
+        assert!(edit_keeps_wals(&hack).unwrap_err().contains("minimum log"));
         let mut unknown = compaction_edit(10);
         varint(400, &mut unknown);
         assert!(edit_keeps_wals(&unknown).is_err());
