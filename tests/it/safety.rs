@@ -29,6 +29,16 @@ fn small_server() -> Server {
     server
 }
 
+/// A small server with a backup user `bk` whose password is `Sekr1t-pw`.
+fn server_with_password_user() -> Server {
+    let server = small_server();
+    server.exec(
+        "CREATE USER bk@localhost IDENTIFIED BY 'Sekr1t-pw';
+         GRANT RELOAD, SUPER, BINLOG MONITOR, SELECT ON *.* TO bk@localhost",
+    );
+    server
+}
+
 /// A second backup goes through: no BACKUP STAGE is held by the first.
 fn assert_server_released(server: &Server, tmp: &Path) {
     backup_ok(backup_cmd(server, &[]), &tmp.join("again.tar"), 0);
@@ -295,11 +305,7 @@ fn a_live_run_is_known_by_its_lock_not_its_pid() {
 
 #[test]
 fn a_password_on_the_command_line_is_scrubbed() {
-    let server = small_server();
-    server.exec(
-        "CREATE USER bk@localhost IDENTIFIED BY 'Sekr1t-pw';
-         GRANT RELOAD, SUPER, BINLOG MONITOR, SELECT ON *.* TO bk@localhost",
-    );
+    let server = server_with_password_user();
     let tmp = tempfile::tempdir().unwrap();
     for form in [
         &["--password=Sekr1t-pw"][..],
@@ -419,11 +425,7 @@ fn install_deps_leaves_a_running_server_alone() {
 
 #[test]
 fn p_without_a_value_asks_on_the_terminal_and_only_there() {
-    let server = small_server();
-    server.exec(
-        "CREATE USER bk@localhost IDENTIFIED BY 'Sekr1t-pw';
-         GRANT RELOAD, SUPER, BINLOG MONITOR, SELECT ON *.* TO bk@localhost",
-    );
+    let server = server_with_password_user();
     let tmp = tempfile::tempdir().unwrap();
     let stream = tmp.path().join("b.tar");
     let backup = format!(
