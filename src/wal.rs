@@ -445,37 +445,12 @@ pub fn complete_prefix(path: &Path, limit: u64, blocks: usize) -> Result<Option<
 mod tests {
     use super::*;
 
-    /// Writes logical records as RocksDB's log writer does (fragments across blocks).
+    /// A log of records of the given lengths, and where each record ends.
     fn log(records: &[usize]) -> (Vec<u8>, Vec<u64>) {
-        let mut out = Vec::new();
-        let mut ends = Vec::new();
+        let (mut out, mut ends) = (Vec::new(), Vec::new());
         for &len in records {
-            let mut left = len;
-            let mut first = true;
-            loop {
-                let room = BLOCK as usize - out.len() % BLOCK as usize;
-                if room < HEADER {
-                    out.extend(std::iter::repeat_n(0, room));
-                    continue;
-                }
-                let take = left.min(room - HEADER);
-                let last = take == left;
-                let kind = match (first, last) {
-                    (true, true) => 1,
-                    (true, false) => 2,
-                    (false, false) => 3,
-                    (false, true) => 4,
-                };
-                out.extend_from_slice(&[0xaa, 0xbb, 0xcc, 0xdd]);
-                out.extend_from_slice(&(take as u16).to_le_bytes());
-                out.push(kind);
-                out.extend(std::iter::repeat_n(0x5a, take));
-                left -= take;
-                first = false;
-                if last {
-                    break;
-                }
-            }
+            let start = out.len() as u64;
+            out.extend(frame(&[vec![0x5a; len]], start));
             ends.push(out.len() as u64);
         }
         (out, ends)
