@@ -621,13 +621,13 @@ impl Job<'_> {
             Some(pins) => pins.files(),
             None => WalPins::checkpoint_files(&checkpoint)?,
         };
-        if !sel
+        // The rows go where the restore re-creates the table; a server without InnoDB has
+        // none, and its position is in the slave info only.
+        let has_table = sel
             .innodb_system_tables
             .iter()
-            .any(|t| t == "gtid_slave_pos")
-        {
-            // No InnoDB: nothing to re-create, and the position is in the slave info.
-        } else if let Some(r) = &replica {
+            .any(|t| t == "gtid_slave_pos");
+        if let (true, Some(r)) = (has_table, &replica) {
             innodb_sql.push_str(&gtid_slave_pos_rows(&r.gtid_slave_pos)?);
         }
         Ok(ConsistentPoint {
