@@ -5,8 +5,9 @@
 //! checkpoint is taken just *before* commits are blocked, and its RocksDB write-ahead log
 //! (WAL) is brought forward to the consistent point instead: right after the checkpoint,
 //! and again while commits are blocked, every live WAL file is hard-linked into the run's
-//! directory (a link keeps the file's data even when RocksDB deletes its name), and under
-//! the block each one's size is recorded. After the block, each WAL is sent up to that size:
+//! directory (a link keeps the file's data even when RocksDB deletes its name; WALs created
+//! in between are known from an inotify watch, not by listing a directory of thousands of
+//! SSTs under the block), and under the block each one's size is recorded. After the block, each WAL is sent up to that size:
 //! the checkpoint's SSTs and MANIFEST plus a WAL that replays to the consistent point.
 //!
 //! This is exact only under conditions that are all checked while commits are blocked;
@@ -35,6 +36,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use inotify::{EventMask, Inotify, WatchMask};
+
 use crate::error::{Error, IoContext, Result};
 use crate::server::ServerInfo;
 
@@ -49,6 +52,10 @@ pub struct WalFile {
 /// Live WAL files pinned by hard links since the final checkpoint was taken.
 pub struct WalPins {
     wal_dir: PathBuf,
+    /// Files created in the WAL directory since just before the pins were taken: under the
+    /// block, new WALs are found here rather than by listing a directory that may hold
+    /// thousands of SSTs. None when no watch could be set (the directory is listed then).
+    created: Option<Inotify>,
     pin_dir: PathBuf,
     /// The checkpoint's WAL files, by number: name and size.
     in_checkpoint: BTreeMap<u64, (String, u64)>,
@@ -87,8 +94,16 @@ impl WalPins {
                 wal_dir.display()
             )));
         }
+        // Watch first, then list: a WAL created in between is seen by one or the other.
+        let created = Inotify::init().and_then(|watch| {
+            watch
+                .watches()
+                .add(wal_dir, WatchMask::CREATE | WatchMask::MOVED_TO)?;
+            Ok(watch)
+        });
         let mut pins = WalPins {
             wal_dir: wal_dir.to_path_buf(),
+            created: created.ok(),
             pin_dir,
             in_checkpoint: wal_numbers(checkpoint)?,
             pins: BTreeMap::new(),
@@ -103,7 +118,11 @@ impl WalPins {
         rocksdb_dir: &Path,
         checkpoint: &Path,
     ) -> Result<Option<Fallback>> {
-        if let Err(why) = self.link_new()? {
+        let linked = match self.created.is_some() {
+            true => self.link_created()?,
+            false => self.link_new()?,
+        };
+        if let Err(why) = linked {
             return Ok(Some(why));
         }
         for (name, size) in self.pins.iter_mut() {
@@ -167,8 +186,43 @@ impl WalPins {
 
     /// Links every live WAL not yet pinned and not older than the checkpoint's oldest.
     fn link_new(&mut self) -> Result<std::result::Result<(), Fallback>> {
+        let names: Vec<(u64, String)> = wal_numbers(&self.wal_dir)?
+            .into_iter()
+            .map(|(number, (name, _))| (number, name))
+            .collect();
+        self.link(names)
+    }
+
+    /// Links the WALs created since the watch began (and not yet pinned).
+    fn link_created(&mut self) -> Result<std::result::Result<(), Fallback>> {
+        let watch = self.created.as_mut().expect("watching");
+        let mut buf = [0u8; 4096];
+        let mut names = Vec::new();
+        loop {
+            let events = match watch.read_events(&mut buf) {
+                Ok(events) => events,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Ok(Err(format!("cannot read the WAL directory's events: {e}"))),
+            };
+            for event in events {
+                if event.mask.contains(EventMask::Q_OVERFLOW) {
+                    return Ok(Err(
+                        "too many files were created in the WAL directory".into()
+                    ));
+                }
+                let name = event.name.map(|n| n.to_string_lossy().into_owned());
+                let number = name.as_deref().and_then(wal_number);
+                if let (Some(name), Some(number)) = (name, number) {
+                    names.push((number, name));
+                }
+            }
+        }
+        self.link(names)
+    }
+
+    fn link(&mut self, names: Vec<(u64, String)>) -> Result<std::result::Result<(), Fallback>> {
         let oldest = self.in_checkpoint.keys().next().copied().unwrap_or(0);
-        for (number, (name, _)) in wal_numbers(&self.wal_dir)? {
+        for (number, name) in names {
             if number < oldest || self.pins.contains_key(&name) {
                 continue;
             }
@@ -183,6 +237,11 @@ impl WalPins {
         }
         Ok(Ok(()))
     }
+}
+
+/// The number of a RocksDB WAL file's name (`000123.log`).
+fn wal_number(name: &str) -> Option<u64> {
+    name.strip_suffix(".log")?.parse().ok()
 }
 
 /// The RocksDB WAL files (`000123.log`) of a directory, by number, with name and size.
@@ -626,5 +685,57 @@ mod tests {
         // A truncated edit, and a log that ends inside a record, are not trusted.
         assert!(edit_keeps_wals(&compaction_edit(10)[..20]).is_err());
         assert!(log_records(&bytes[..bytes.len() - 3], start).is_err());
+    }
+
+    #[test]
+    fn wals_created_after_the_checkpoint_are_pinned_and_sent() {
+        let d = tempfile::tempdir().unwrap();
+        let (rocks, ckpt, pin_dir) = (
+            d.path().join("rocks"),
+            d.path().join("ckpt"),
+            d.path().join("pins"),
+        );
+        for dir in [&rocks, &ckpt, &pin_dir] {
+            fs::create_dir(dir).unwrap();
+        }
+        let (whole, _) = log(&[100, 200]);
+        for dir in [&rocks, &ckpt] {
+            fs::write(dir.join("CURRENT"), "MANIFEST-000005\n").unwrap();
+            fs::write(dir.join("MANIFEST-000005"), b"same").unwrap();
+            fs::write(dir.join("000010.log"), &whole[..107]).unwrap();
+        }
+        fs::write(rocks.join("000004.log"), b"older than the checkpoint's").unwrap();
+        let server = ServerInfo {
+            version: String::new(),
+            hostname: String::new(),
+            datadir: d.path().to_path_buf(),
+            rocksdb_datadir: rocks.clone(),
+            rocksdb_wal_dir: rocks.clone(),
+            aria_log_dir: d.path().to_path_buf(),
+            innodb: true,
+            rocksdb_manual_wal_flush: false,
+            rocksdb_write_disable_wal: false,
+        };
+        let mut pins = WalPins::pin(&server, &ckpt, pin_dir).unwrap().unwrap();
+        // After the checkpoint: the WAL grows, and a memtable switch starts a new one.
+        fs::write(rocks.join("000010.log"), &whole).unwrap();
+        fs::write(rocks.join("000012.log"), &whole[..107]).unwrap();
+        assert_eq!(pins.record_under_block(&rocks, &ckpt).unwrap(), None);
+        let sent: Vec<(String, u64)> = pins.files().into_iter().map(|f| (f.name, f.size)).collect();
+        assert_eq!(
+            sent,
+            [
+                ("000010.log".to_string(), whole.len() as u64),
+                ("000012.log".to_string(), 107)
+            ]
+        );
+
+        // A WAL torn at its end: the checkpoint must be taken again under the block.
+        let pin_dir = d.path().join("pins2");
+        fs::create_dir(&pin_dir).unwrap();
+        let mut pins = WalPins::pin(&server, &ckpt, pin_dir).unwrap().unwrap();
+        fs::write(rocks.join("000012.log"), &whole[..150]).unwrap();
+        let why = pins.record_under_block(&rocks, &ckpt).unwrap().unwrap();
+        assert!(why.contains("whole record"), "{why}");
     }
 }
