@@ -49,8 +49,8 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
         .rocksdb_waldir
         .clone()
         .unwrap_or_else(|| rocksdb_dir.clone());
-    check_plain_files(backup)?;
-    let obsolete = check_complete(backup, cancel)?;
+    let files = backup_files(backup, "", true)?;
+    let obsolete = check_complete(backup, &files, cancel)?;
     let plan = plan(backup, &datadir, &rocksdb_dir, &wal_dir, &obsolete)?;
     for target in [&datadir, &rocksdb_dir, &wal_dir] {
         check_empty(target)?;
@@ -158,15 +158,24 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a backup directory holding anything but directories and regular files: a
-/// symbolic link would make the restore write, or move, something outside the backup.
-fn check_plain_files(dir: &Path) -> Result<()> {
+/// The regular files of a backup directory, as `/`-separated paths below it. Refuses
+/// anything but directories and regular files anywhere in it: a symbolic link would make
+/// the restore write, or move, something outside the backup. The files of a `lost+found`
+/// (a backup directory at a filesystem's root) are checked but not listed.
+fn backup_files(dir: &Path, prefix: &str, listed: bool) -> Result<Vec<String>> {
+    let mut files = Vec::new();
     for entry in fs::read_dir(dir).with_path("list", dir)? {
         let path = entry.with_path("list", dir)?.path();
-        let md = fs::symlink_metadata(&path).with_path("stat", &path)?;
-        let kind = md.file_type();
+        let name = format!(
+            "{prefix}{}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        );
+        let kind = fs::symlink_metadata(&path)
+            .with_path("stat", &path)?
+            .file_type();
         if kind.is_dir() {
-            check_plain_files(&path)?;
+            let listed = listed && name != "lost+found";
+            files.extend(backup_files(&path, &format!("{name}/"), listed)?);
         } else if !kind.is_file() {
             let what = if kind.is_symlink() {
                 "a symbolic link"
@@ -177,15 +186,17 @@ fn check_plain_files(dir: &Path) -> Result<()> {
                 "{} is {what}: a backup holds only directories and regular files, refusing to restore it",
                 path.display()
             )));
+        } else if listed {
+            files.push(name);
         }
     }
-    Ok(())
+    Ok(files)
 }
 
 /// Refuses a backup whose files do not match its manifest, in size and CRC-32 (mbstream
 /// skips files silently; a disk may flip a bit). Returns the obsolete SSTs the manifest
 /// lists (sent in early rounds, compacted away since).
-fn check_complete(backup: &Path, cancel: &Cancel) -> Result<HashSet<String>> {
+fn check_complete(backup: &Path, files: &[String], cancel: &Cancel) -> Result<HashSet<String>> {
     let manifest = match fs::read(backup.join(MANIFEST_NAME)) {
         Ok(json) => json,
         Err(_) if backup.join(BEGIN_NAME).exists() => {
@@ -247,12 +258,12 @@ fn check_complete(backup: &Path, cancel: &Cancel) -> Result<HashSet<String>> {
     // Nothing else may be restored: a stray file (a WAL left by an earlier extraction into
     // the same directory, say) would be replayed by the server.
     let listed: HashSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
-    for path in files_under(backup, "")? {
+    for path in files {
         if path != MANIFEST_NAME && !listed.contains(path.as_str()) {
             return Err(Error::Corrupt(format!(
                 "{} is not part of the backup (its manifest does not list it): remove it, or \
                  extract the backup into an empty directory",
-                backup.join(&path).display()
+                backup.join(path).display()
             )));
         }
     }
@@ -263,24 +274,6 @@ fn check_complete(backup: &Path, cancel: &Cancel) -> Result<HashSet<String>> {
     Ok(obsolete
         .filter_map(|n| n.as_str().map(str::to_string))
         .collect())
-}
-
-/// The regular files under `dir`, as `/`-separated paths below it.
-fn files_under(dir: &Path, prefix: &str) -> Result<Vec<String>> {
-    let mut files = Vec::new();
-    for entry in fs::read_dir(dir).with_path("list", dir)? {
-        let entry = entry.with_path("list", dir)?;
-        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
-        if name == "lost+found" {
-            continue; // the backup directory is a filesystem's root
-        }
-        if entry.file_type().with_path("stat", &entry.path())?.is_dir() {
-            files.extend(files_under(&entry.path(), &format!("{name}/"))?);
-        } else {
-            files.push(name);
-        }
-    }
-    Ok(files)
 }
 
 /// The CRC-32 of a whole file.
