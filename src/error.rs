@@ -34,6 +34,9 @@ pub enum Error {
     /// The database server said no, or is not in a state we can back up.
     #[error("{0}")]
     Server(String),
+    /// A destination that stopped taking files because of an earlier error (reported first).
+    #[error("the backup's destination was closed after an earlier error")]
+    Closed,
     /// A signal asked us to stop.
     #[error("interrupted by {0}; temporary files were removed")]
     Interrupted(&'static str),
@@ -47,7 +50,9 @@ impl Error {
             Error::Usage(_) => exit::USAGE,
             Error::Corrupt(_) => exit::CORRUPT,
             Error::Interrupted(_) => exit::INTERRUPTED,
-            Error::Io { .. } | Error::Refused(_) | Error::Server(_) => exit::FAILURE,
+            Error::Io { .. } | Error::Refused(_) | Error::Server(_) | Error::Closed => {
+                exit::FAILURE
+            }
         }
     }
 

@@ -1,28 +1,22 @@
 //! myrocks-hotbackup: hot backup and restore for MyRocks.
 //!
-//! The layout follows the data. [`backup`] drives a backup: it talks to the server through
-//! [`server`] (credentials from [`credentials`]), takes checkpoints in a [`checkpoint`]
-//! area, picks datadir files with [`datadir`], and sends every file through the one reader
-//! in [`source`] into a [`destination::Destination`] (today the [`archive`] stream writers),
-//! closing with a [`manifest`]. [`extract`] turns a stream back into files, [`restore`]
-//! puts them into a datadir, and [`cli`] is the command line.
+//! The layout follows the data. [`cmd`] runs one command of the [`cli`]. A backup is driven
+//! by [`engine`] (rounds of checkpoints, then the consistent point), which talks to the
+//! database through [`server`] and hands files to a [`pipeline`] of reader threads and
+//! compression workers, which store them in a [`sink`]: a tar or xbstream stream, or a
+//! directory. [`format`] is what a backup looks like (names, manifest, tar, xbstream);
+//! [`restore`] reads backups back: `extract`, `verify`, `info`, `copy-back`, `move-back`.
+//! [`sys`] holds every system call the standard library lacks.
 
-pub mod archive;
-pub mod aside;
-pub mod backup;
 pub mod cancel;
-pub mod checkpoint;
 pub mod cli;
-pub mod credentials;
-pub mod datadir;
-pub mod destination;
+pub mod cmd;
+mod engine;
 pub mod error;
-pub mod extract;
+pub mod format;
 pub mod log;
-pub mod manifest;
-pub mod pipe;
-pub mod restore;
-pub mod server;
-pub mod source;
+pub mod pipeline;
+mod restore;
+mod server;
+pub mod sink;
 pub mod sys;
-pub mod wal;

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io::Write;
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Seconds since the epoch.
@@ -18,26 +19,45 @@ pub fn timestamp() -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let secs = now.as_secs() as libc::time_t;
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    unsafe { libc::localtime_r(&secs, &mut tm) };
+    let (y, mo, d, h, mi, s) = crate::sys::local_time(now.as_secs() as i64);
     format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}",
-        tm.tm_year + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec,
+        "{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}.{:03}",
         now.subsec_millis()
     )
+}
+
+/// The progress bar on the terminal, if one is drawn: log lines go above it.
+static BAR: Mutex<Option<indicatif::ProgressBar>> = Mutex::new(None);
+
+/// Routes log lines above `bar` (or, with `None`, straight to stderr again).
+pub fn set_bar(bar: Option<indicatif::ProgressBar>) {
+    *BAR.lock().unwrap_or_else(|e| e.into_inner()) = bar;
 }
 
 /// Writes one line to stderr. A closed or full stderr loses the line, never the run: the
 /// clean-up that follows an error must not turn into a panic.
 pub fn emit(level: &str, args: fmt::Arguments) {
-    let line = format!("{} {level} {args}\n", timestamp());
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    let line = format!("{} {level} {args}", timestamp());
+    match &*BAR.lock().unwrap_or_else(|e| e.into_inner()) {
+        Some(bar) => bar.suspend(|| {
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+        }),
+        None => {
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+        }
+    }
+}
+
+/// `1.23 GiB` and the like.
+pub fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < units.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2} {}", units[unit])
 }
 
 #[macro_export]
@@ -53,4 +73,10 @@ macro_rules! warn {
 #[macro_export]
 macro_rules! error {
     ($($arg:tt)*) => { $crate::log::emit("ERROR", format_args!($($arg)*)) };
+}
+
+/// `2026-11-25 05:07:47` (local time) for seconds since the epoch.
+pub fn local_datetime(secs: i64) -> String {
+    let (y, mo, d, h, mi, s) = crate::sys::local_time(secs);
+    format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}")
 }

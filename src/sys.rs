@@ -1,6 +1,8 @@
 //! The few system calls the tool needs that the standard library does not offer, each
-//! behind a safe function: free space, `syncfs`, the host name, the effective user, and
-//! scrubbing a password from the process's command line.
+//! behind a safe function: free space, `syncfs`, the host name, the effective user, page
+//! cache hints and residency, write-behind, pipe sizes, the standard descriptors, local
+//! time, `renameat2`, and scrubbing a password from the process's command line. Every
+//! `unsafe` block of the crate is here.
 
 use std::ffi::{c_char, c_int, CStr};
 use std::fs::File;
@@ -50,6 +52,126 @@ pub fn hostname() -> String {
 
 pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
+}
+
+/// The effective user and group ids.
+pub fn ids() -> (u32, u32) {
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+/// Tells the kernel a file will be read from start to end (more read-ahead). Only a hint.
+pub fn advise_sequential(file: &File) {
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+}
+
+/// Drops a range of a file from the page cache (pages that are dirty stay). Only a hint.
+pub fn drop_cache(file: &File, offset: u64, len: u64) {
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+}
+
+/// Which pages of the first `len` bytes of `file` are in the page cache now, one flag per
+/// page of [`page_size`] bytes; `None` when that cannot be found out (an empty file, a
+/// filesystem that cannot be mapped).
+pub fn resident_pages(file: &File, len: u64) -> Option<Vec<bool>> {
+    if len == 0 {
+        return None;
+    }
+    let page = page_size();
+    let pages = len.div_ceil(page) as usize;
+    // SAFETY: a private read-only mapping, never dereferenced: mincore only looks at it.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        if addr == libc::MAP_FAILED {
+            return None;
+        }
+        let mut vec = vec![0u8; pages];
+        let rc = libc::mincore(addr, len as usize, vec.as_mut_ptr());
+        libc::munmap(addr, len as usize);
+        (rc == 0).then(|| vec.iter().map(|&b| b & 1 == 1).collect())
+    }
+}
+
+pub fn page_size() -> u64 {
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    }
+}
+
+/// Starts writing a range of a file to disk, without waiting.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
+/// Waits until a range of a file is on disk (started with [`start_writeback`]).
+pub fn wait_writeback(file: &File, offset: u64, len: u64) {
+    let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, wait) };
+}
+
+/// Raises the kernel buffer of a pipe to `size` bytes. Fails harmlessly on anything but a
+/// pipe, or past the system's pipe-max-size.
+pub fn set_pipe_size(file: &File, size: c_int) {
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
+}
+
+/// Local wall-clock time broken down: (year, month, day, hour, minute, second).
+pub fn local_time(secs: i64) -> (i32, i32, i32, i32, i32, i32) {
+    let t = secs as libc::time_t;
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    unsafe { libc::localtime_r(&t, &mut tm) };
+    (
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+    )
+}
+
+/// `rename` that fails instead of replacing an existing target.
+pub fn rename_noreplace(src: &Path, dst: &Path) -> std::io::Result<()> {
+    let c =
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (from, to) = (c(src)?, c(dst)?);
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// True when `signal` is ignored (as `nohup` leaves SIGHUP).

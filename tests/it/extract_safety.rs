@@ -5,7 +5,7 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::Path;
 
-use myrocks_hotbackup::archive::Format;
+use myrocks_hotbackup::format::Format;
 
 use crate::common::*;
 
@@ -145,8 +145,7 @@ fn truncated_streams_fail_and_leave_nothing() {
         1_700_000_000,
     );
     for format in [Format::Tar, Format::Xbstream] {
-        let mut stream = Vec::new();
-        write_stream(format, &src, &mut stream);
+        let stream = stream_of(format, &src);
         // Inside the file data, at a chunk boundary (after a file's end), before the manifest.
         let inside = stream
             .windows(4)
@@ -199,8 +198,7 @@ fn the_error_names_the_file_and_offset_of_a_truncation() {
         0o640,
         1_700_000_000,
     );
-    let mut stream = Vec::new();
-    write_stream(Format::Tar, &src, &mut stream);
+    let stream = stream_of(Format::Tar, &src);
     let at = stream
         .windows(4)
         .position(|w| w == &pseudo_random(1, 3000)[..4])

@@ -344,7 +344,7 @@ fn restore_refuses_non_empty_targets_and_incomplete_backups_without_moving_anyth
     let out = move_back(&x, &tmp.path().join("fresh"));
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("missing from the backup"),
+        stderr(&out).contains("missing (listed in the manifest"),
         "{}",
         stderr(&out)
     );

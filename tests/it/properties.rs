@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use myrocks_hotbackup::archive::Format;
+use myrocks_hotbackup::format::Format;
 use proptest::prelude::*;
 
 use crate::common::*;
@@ -56,8 +56,7 @@ fn stream_of(files: &[(String, Vec<u8>)], format: Format) -> (tempfile::TempDir,
     let src = tmp.path().join("src");
     fs::create_dir(&src).unwrap();
     build(&src, files);
-    let mut stream = Vec::new();
-    write_stream(format, &src, &mut stream);
+    let stream = crate::common::stream_of(format, &src);
     (tmp, src, stream)
 }
 

@@ -10,13 +10,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-use myrocks_hotbackup::archive::tar::TarWriter;
-use myrocks_hotbackup::archive::xbstream::XbstreamWriter;
-use myrocks_hotbackup::archive::Format;
+use std::sync::{Arc, Mutex};
+
 use myrocks_hotbackup::cancel::Cancel;
-use myrocks_hotbackup::destination::Destination;
-use myrocks_hotbackup::manifest::{self, Manifest, BEGIN_NAME, MANIFEST_NAME};
-use myrocks_hotbackup::source::FileReader;
+use myrocks_hotbackup::format::layout::{BEGIN_NAME, MANIFEST_NAME};
+use myrocks_hotbackup::format::manifest::Kind;
+use myrocks_hotbackup::format::tar::TarWriter;
+use myrocks_hotbackup::format::xbstream::XbstreamWriter;
+use myrocks_hotbackup::format::{Encoder, Format};
+use myrocks_hotbackup::pipeline::progress::Quiet;
+use myrocks_hotbackup::pipeline::{Item, Options, Pipeline};
+use myrocks_hotbackup::sink::stream::StreamSink;
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_myrocks-hotbackup"))
@@ -182,26 +186,45 @@ pub fn walk(root: &Path) -> Vec<String> {
     out
 }
 
-/// Writes the files of `root` as one of our streams (marker, files, manifest) into `out`.
-pub fn write_stream(format: Format, root: &Path, out: &mut impl Write) {
-    match format {
-        Format::Tar => write_files(root, &mut TarWriter::new(out)),
-        Format::Xbstream => write_files(root, &mut XbstreamWriter::new(out)),
+/// Writes the files of `root` as one of our streams (marker, files, manifest) into `out`,
+/// through the library's own pipeline and stream sink.
+pub fn write_stream(format: Format, root: &Path, out: impl Write + Send + 'static) {
+    let encoder: Box<dyn Encoder> = match format {
+        Format::Tar => Box::new(TarWriter::new(out)),
+        Format::Xbstream => Box::new(XbstreamWriter::new(out)),
+    };
+    // One file at a time, in `walk` order: mbstream creates only a file's direct parent.
+    let sink = StreamSink::new(encoder, 1);
+    let pipeline = Pipeline::new(&sink, Options::serial(), &Quiet, Cancel::never());
+    pipeline.begin().unwrap();
+    let items = walk(root)
+        .into_iter()
+        .map(|path| Item::file(&path, Kind::TableData, root.join(&path)))
+        .collect();
+    assert!(pipeline.send(items, None).unwrap().is_empty());
+    pipeline.commit(()).unwrap();
+}
+
+/// A writer into memory that can be handed to another thread.
+#[derive(Clone, Default)]
+pub struct SharedVec(pub Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedVec {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
-fn write_files(root: &Path, dest: &mut dyn Destination) {
-    let mut reader = FileReader::new(Cancel::never());
-    let mut files = vec![manifest::write_begin(&mut reader, dest).unwrap()];
-    for path in walk(root) {
-        files.push(reader.send(&root.join(&path), &path, dest).unwrap());
-    }
-    let m = Manifest {
-        tool: manifest::tool_version(),
-        backup: (),
-        files,
-    };
-    manifest::write_manifest(&m, &mut reader, dest).unwrap();
+/// The files of `root` as one of our streams, in memory.
+pub fn stream_of(format: Format, root: &Path) -> Vec<u8> {
+    let out = SharedVec::default();
+    write_stream(format, root, out.clone());
+    let bytes = out.0.lock().unwrap().clone();
+    bytes
 }
 
 /// Runs our `extract` on `input` into `target`.

@@ -1,4 +1,6 @@
-//! `move-back` and `copy-back`: from an extracted backup into empty data directories that a
+//! Reading backups back. [`extract`] unpacks a stream, [`backup_dir`] checks a backup on
+//! disk against its manifest (`verify`), and this module restores one (`move-back`,
+//! `copy-back`): from a backup directory into empty data directories that a
 //! stock server starts from. RocksDB WAL files go to the WAL directory, the other RocksDB
 //! files to the RocksDB data directory, everything else to the datadir; the backup's own
 //! metadata stays in the backup directory. Both layouts are read: ours (RocksDB files under
@@ -9,19 +11,25 @@
 //! was moved is moved back and what was created is removed. Last, the InnoDB tables of the
 //! `mysql` schema are re-created with `mariadbd --bootstrap`.
 
+pub mod backup_dir;
+pub mod extract;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::backup::{BINLOG_INFO_NAME, INNODB_SQL_NAME, ROCKSDB_DIR};
 use crate::cancel::Cancel;
 use crate::cli::RestoreArgs;
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{Manifest, BEGIN_NAME, MANIFEST_NAME};
-use crate::source::FileRecord;
+use crate::format::layout::{
+    BEGIN_NAME, BINLOG_INFO_NAME, INNODB_SQL_NAME, MANIFEST_NAME, ROCKSDB_DIR, ZSTD_SUFFIX,
+};
+use crate::log::human;
+use crate::pipeline::compress;
 use crate::{info, warn};
+use backup_dir::BackupDir;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -34,12 +42,6 @@ const METADATA: &[&str] = &[BEGIN_NAME, MANIFEST_NAME, INNODB_SQL_NAME, BINLOG_I
 
 pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
     let backup = &args.backup_dir;
-    if !backup.is_dir() {
-        return Err(Error::Refused(format!(
-            "backup directory {} does not exist",
-            backup.display()
-        )));
-    }
     let datadir = args.datadir.clone();
     let rocksdb_dir = args
         .rocksdb_datadir
@@ -49,9 +51,8 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
         .rocksdb_waldir
         .clone()
         .unwrap_or_else(|| rocksdb_dir.clone());
-    let files = backup_files(backup, "", true)?;
-    let obsolete = check_complete(backup, &files, cancel)?;
-    let plan = plan(backup, &datadir, &rocksdb_dir, &wal_dir, &obsolete)?;
+    let (obsolete, decode) = check_complete(backup, cancel)?;
+    let plan = plan(backup, &datadir, &rocksdb_dir, &wal_dir, &obsolete, &decode)?;
     for target in [&datadir, &rocksdb_dir, &wal_dir] {
         check_empty(target)?;
     }
@@ -78,7 +79,16 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
             let bootstrap_touches = innodb_sql.is_some()
                 && dst.parent() == Some(datadir.as_path())
                 && (name == "mysql" || name.starts_with("aria_log"));
-            undo.transfer(src, dst, mode, bootstrap_touches, cancel)?;
+            // A compressed file is decoded on the way: a copy, even for a move.
+            let decodes = decode.iter().any(|p| p.starts_with(src));
+            undo.transfer(
+                src,
+                dst,
+                mode,
+                bootstrap_touches || decodes,
+                &decode,
+                cancel,
+            )?;
         }
         match (&innodb_sql, &mariadbd) {
             (Some(sql), Some(mariadbd)) => {
@@ -158,136 +168,50 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
     Ok(())
 }
 
-/// The regular files of a backup directory, as `/`-separated paths below it. Refuses
-/// anything but directories and regular files anywhere in it: a symbolic link would make
-/// the restore write, or move, something outside the backup. The files of a `lost+found`
-/// (a backup directory at a filesystem's root) are checked but not listed.
-fn backup_files(dir: &Path, prefix: &str, listed: bool) -> Result<Vec<String>> {
-    let mut files = Vec::new();
-    for entry in fs::read_dir(dir).with_path("list", dir)? {
-        let path = entry.with_path("list", dir)?.path();
-        let name = format!(
-            "{prefix}{}",
-            path.file_name().unwrap_or_default().to_string_lossy()
-        );
-        let kind = fs::symlink_metadata(&path)
-            .with_path("stat", &path)?
-            .file_type();
-        if kind.is_dir() {
-            let listed = listed && name != "lost+found";
-            files.extend(backup_files(&path, &format!("{name}/"), listed)?);
-        } else if !kind.is_file() {
-            let what = if kind.is_symlink() {
-                "a symbolic link"
-            } else {
-                "a special file"
-            };
-            return Err(Error::Corrupt(format!(
-                "{} is {what}: a backup holds only directories and regular files, refusing to restore it",
-                path.display()
-            )));
-        } else if listed {
-            files.push(name);
-        }
+/// Refuses a backup whose files do not match its manifest (mbstream skips files silently;
+/// a disk may flip a bit). Returns the obsolete SSTs the manifest lists (sent in early
+/// rounds, compacted away since), and the files stored compressed, to decode.
+fn check_complete(backup: &Path, cancel: &Cancel) -> Result<(HashSet<String>, HashSet<PathBuf>)> {
+    let dir = BackupDir::open(backup)?;
+    if dir.is_original_tools() {
+        return Ok(Default::default()); // nothing to check against
     }
-    Ok(files)
-}
-
-/// Refuses a backup whose files do not match its manifest, in size and CRC-32 (mbstream
-/// skips files silently; a disk may flip a bit). Returns the obsolete SSTs the manifest
-/// lists (sent in early rounds, compacted away since).
-fn check_complete(backup: &Path, files: &[String], cancel: &Cancel) -> Result<HashSet<String>> {
-    let manifest = match fs::read(backup.join(MANIFEST_NAME)) {
-        Ok(json) => json,
-        Err(_) if backup.join(BEGIN_NAME).exists() => {
-            return Err(Error::Corrupt(format!(
-                "{} holds an incomplete backup: {MANIFEST_NAME} is missing",
-                backup.display()
-            )))
-        }
-        Err(_)
-            if backup.join(ROCKSDB_DIR).join("CURRENT").is_file()
-                || backup.join("CURRENT").is_file() =>
-        {
-            return Ok(HashSet::new()); // a backup of the original tool: nothing to check against
-        }
-        Err(_) => {
-            return Err(Error::Refused(format!(
-            "{} does not look like an extracted MyRocks backup (no {MANIFEST_NAME}, no CURRENT)",
-            backup.display()
-        )))
-        }
-    };
-    let manifest: Manifest<serde_json::Value> = serde_json::from_slice(&manifest)
-        .map_err(|e| Error::Corrupt(format!("{MANIFEST_NAME} is not a valid manifest: {e}")))?;
+    let manifest = dir.manifest()?;
     let total: u64 = manifest.files.iter().map(|f| f.size).sum();
     info!(
         "Verifying {} files ({}) against the backup's manifest",
         manifest.files.len(),
-        crate::backup::human(total)
+        human(total)
     );
-    let mut buf = vec![0u8; crate::source::CHUNK_SIZE];
-    let mut check = |f: &FileRecord| -> Result<()> {
-        let path = backup.join(&f.path);
-        match fs::metadata(&path) {
-            Ok(md) if md.len() == f.size => {
-                let crc = file_crc(&path, &mut buf, cancel)?;
-                if crc == f.crc32 {
-                    Ok(())
-                } else {
-                    Err(Error::Corrupt(format!(
-                        "{} is damaged: its CRC-32 is {crc:08x}, the manifest says {:08x}; nothing was restored",
-                        path.display(),
-                        f.crc32
-                    )))
-                }
-            }
-            Ok(md) => Err(Error::Corrupt(format!(
-                "{} has {} bytes, the manifest says {}",
-                path.display(),
-                md.len(),
-                f.size
-            ))),
-            Err(_) => Err(Error::Corrupt(format!(
-                "{} is missing from the backup (an extraction that skipped files?)",
-                path.display()
-            ))),
-        }
-    };
-    manifest.files.iter().try_for_each(&mut check)?;
-    // Nothing else may be restored: a stray file (a WAL left by an earlier extraction into
-    // the same directory, say) would be replayed by the server.
-    let listed: HashSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
-    for path in files {
-        if path != MANIFEST_NAME && !listed.contains(path.as_str()) {
-            return Err(Error::Corrupt(format!(
-                "{} is not part of the backup (its manifest does not list it): remove it, or \
-                 extract the backup into an empty directory",
-                backup.join(path).display()
-            )));
-        }
+    let checked = dir.check(cancel)?;
+    if let Some(first) = checked.problems.first() {
+        let more = match checked.problems.len() {
+            1 => String::new(),
+            n => format!(" (and {} more problems: run verify to see them all)", n - 1),
+        };
+        let hint = match first.problem {
+            "extra" => ": remove it, or extract the backup into an empty directory (a stray file, such as a WAL, would be replayed by the server)",
+            _ => "",
+        };
+        return Err(Error::Corrupt(format!(
+            "the backup in {} does not match its manifest, nothing was restored: {}{hint}{more}",
+            backup.display(),
+            first
+        )));
     }
     let obsolete = manifest.backup["obsolete_sst"]
         .as_array()
         .into_iter()
-        .flatten();
-    Ok(obsolete
+        .flatten()
         .filter_map(|n| n.as_str().map(str::to_string))
-        .collect())
-}
-
-/// The CRC-32 of a whole file.
-fn file_crc(path: &Path, buf: &mut [u8], cancel: &Cancel) -> Result<u32> {
-    let mut f = fs::File::open(path).with_path("open", path)?;
-    let mut crc = crc32fast::Hasher::new();
-    loop {
-        cancel.check()?;
-        let n = crate::source::read_full(&mut f, buf).with_path("read", path)?;
-        if n == 0 {
-            return Ok(crc.finalize());
-        }
-        crc.update(&buf[..n]);
-    }
+        .collect();
+    let decode = manifest
+        .files
+        .iter()
+        .filter(|f| f.original.is_some() && dir.files.contains_key(&f.path))
+        .map(|f| backup.join(&f.path))
+        .collect();
+    Ok((obsolete, decode))
 }
 
 /// Where every entry of the backup goes.
@@ -297,6 +221,7 @@ fn plan(
     rocksdb_dir: &Path,
     wal_dir: &Path,
     obsolete: &HashSet<String>,
+    decode: &HashSet<PathBuf>,
 ) -> Result<Vec<(PathBuf, PathBuf)>> {
     let mut moves = BTreeMap::new();
     let rocksdb_target = |name: &str| {
@@ -319,18 +244,27 @@ fn plan(
         if name == ROCKSDB_DIR && path.is_dir() {
             for inner in fs::read_dir(&path).with_path("list", &path)? {
                 let inner = inner.with_path("list", &path)?.path();
-                let inner_name = inner.file_name().unwrap().to_string_lossy().into_owned();
+                let inner_name = decoded_name(&inner, decode);
                 if !obsolete.contains(&inner_name) {
                     moves.insert(inner.clone(), rocksdb_target(&inner_name));
                 }
             }
-        } else if path.is_file() && is_rocksdb_file(&name) {
-            moves.insert(path.clone(), rocksdb_target(&name));
+        } else if path.is_file() && is_rocksdb_file(&decoded_name(&path, decode)) {
+            moves.insert(path.clone(), rocksdb_target(&decoded_name(&path, decode)));
         } else {
-            moves.insert(path.clone(), datadir.join(&name));
+            moves.insert(path.clone(), datadir.join(decoded_name(&path, decode)));
         }
     }
     Ok(moves.into_iter().collect())
+}
+
+/// A file's name once restored: without `.zst` when it is decoded on the way.
+fn decoded_name(path: &Path, decode: &HashSet<PathBuf>) -> String {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    match decode.contains(path) {
+        true => name.strip_suffix(ZSTD_SUFFIX).unwrap_or(&name).to_string(),
+        false => name.into_owned(),
+    }
 }
 
 /// Files of a running server that backups of the original tool carried along: restored,
@@ -520,10 +454,11 @@ impl Undo {
         dst: &Path,
         mode: Mode,
         copy_first: bool,
+        decode: &HashSet<PathBuf>,
         cancel: &Cancel,
     ) -> Result<()> {
         if mode == Mode::Move && !copy_first {
-            match rename_noreplace(src, dst) {
+            match crate::sys::rename_noreplace(src, dst) {
                 Ok(()) => {
                     self.moved.push((src.to_path_buf(), dst.to_path_buf()));
                     return Ok(());
@@ -540,7 +475,7 @@ impl Undo {
             ));
         }
         self.created.push(dst.to_path_buf());
-        copy_tree(src, dst, cancel)?;
+        copy_tree(src, dst, decode, cancel)?;
         if mode == Mode::Move {
             self.remove_on_success.push(src.to_path_buf());
         }
@@ -591,28 +526,6 @@ fn transfer_error(src: &Path, dst: &Path, e: std::io::Error) -> Error {
     }
 }
 
-/// `rename` that fails instead of replacing an existing target.
-fn rename_noreplace(src: &Path, dst: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c =
-        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
-    let (from, to) = (c(src)?, c(dst)?);
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// The paths in a directory and in its `mysql/` subdirectory: what the bootstrap may add to.
 fn listing(datadir: &Path) -> HashSet<PathBuf> {
     [datadir.to_path_buf(), datadir.join("mysql")]
@@ -622,16 +535,31 @@ fn listing(datadir: &Path) -> HashSet<PathBuf> {
         .collect()
 }
 
-/// Copies a file or directory tree, keeping modes and modification times.
-fn copy_tree(src: &Path, dst: &Path, cancel: &Cancel) -> Result<()> {
+/// Copies a file or directory tree, keeping modes and modification times, and decoding the
+/// files stored compressed (their copies lose the `.zst`).
+fn copy_tree(src: &Path, dst: &Path, decode: &HashSet<PathBuf>, cancel: &Cancel) -> Result<()> {
     cancel.check()?;
     let md = fs::metadata(src).with_path("stat", src)?;
     if md.is_dir() {
         fs::create_dir(dst).with_path("create", dst)?;
         for entry in fs::read_dir(src).with_path("list", src)? {
-            let entry = entry.with_path("list", src)?;
-            copy_tree(&entry.path(), &dst.join(entry.file_name()), cancel)?;
+            let path = entry.with_path("list", src)?.path();
+            copy_tree(
+                &path,
+                &dst.join(decoded_name(&path, decode)),
+                decode,
+                cancel,
+            )?;
         }
+    } else if decode.contains(src) {
+        let mut out = fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(dst)
+            .with_path("create", dst)?;
+        compress::decode_file(src, Some(&mut out))?;
+        out.set_modified(md.modified().with_path("stat", src)?)
+            .with_path("set the time of", dst)?;
     } else {
         fs::copy(src, dst)
             .context(|| format!("cannot copy {} to {}", src.display(), dst.display()))?;
@@ -664,12 +592,12 @@ mod tests {
         fs::write(&a, b"mine").unwrap();
         fs::write(&b, b"someone else's").unwrap();
         assert_eq!(
-            rename_noreplace(&a, &b).unwrap_err().kind(),
+            crate::sys::rename_noreplace(&a, &b).unwrap_err().kind(),
             ErrorKind::AlreadyExists
         );
         assert_eq!(fs::read(&b).unwrap(), b"someone else's");
         fs::remove_file(&b).unwrap();
-        rename_noreplace(&a, &b).unwrap();
+        crate::sys::rename_noreplace(&a, &b).unwrap();
         assert_eq!(fs::read(&b).unwrap(), b"mine");
     }
 

@@ -12,7 +12,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::datadir::DatadirFile;
+use crate::engine::datadir::DatadirFile;
 use crate::error::{IoContext, Result};
 use crate::warn;
 
@@ -137,7 +137,7 @@ impl Aside {
             let mut buf = vec![0u8; 1 << 20];
             loop {
                 let n =
-                    crate::source::read_full(&mut input, &mut buf).with_path("read", &c.copy)?;
+                    crate::format::read_full(&mut input, &mut buf).with_path("read", &c.copy)?;
                 if n == 0 {
                     break;
                 }
@@ -227,7 +227,7 @@ fn same_bytes(src: &mut File, copy: &Path, offset: u64, len: u64) -> Result<bool
     let read_at = |f: &mut File, what: &Path| -> Result<Vec<u8>> {
         let mut buf = vec![0; len as usize];
         f.seek(SeekFrom::Start(offset)).with_path("seek in", what)?;
-        let got = crate::source::read_full(f, &mut buf).with_path("read", what)?;
+        let got = crate::format::read_full(f, &mut buf).with_path("read", what)?;
         buf.truncate(got);
         Ok(buf)
     };

@@ -6,10 +6,9 @@
 
 use std::io::{Read, Write};
 
+use super::{read_full, Encoder, FileMeta, CHUNK_SIZE};
 use super::{Attrs, Unpack};
-use crate::destination::{Destination, FileMeta};
 use crate::error::{Error, IoContext, Result};
-use crate::source::{read_full, CHUNK_SIZE};
 
 pub const BLOCK: usize = 512;
 const NAME_LEN: usize = 100;
@@ -41,8 +40,15 @@ impl<W: Write> TarWriter<W> {
     }
 }
 
-impl<W: Write> Destination for TarWriter<W> {
+impl<W: Write + Send> Encoder for TarWriter<W> {
     fn begin_file(&mut self, meta: &FileMeta) -> Result<()> {
+        let Some(size) = meta.size else {
+            return Err(Error::Usage(format!(
+                "tar needs the size of {} before its bytes, and a compressed file has none until it is written: \
+                 compress into xbstream (--stream xbstream) or a directory (--target-dir)",
+                meta.path
+            )));
+        };
         let name = meta.path.as_bytes();
         if name.len() > NAME_LEN {
             // GNU long name: a pseudo-entry whose data is the full name, NUL-terminated.
@@ -55,7 +61,7 @@ impl<W: Write> Destination for TarWriter<W> {
         }
         let head = header(
             &name[..name.len().min(NAME_LEN)],
-            meta.size,
+            size,
             meta.mode,
             meta.mtime,
             meta.uid,
@@ -63,7 +69,7 @@ impl<W: Write> Destination for TarWriter<W> {
             b'0',
         );
         self.put(&head)?;
-        self.expected = meta.size;
+        self.expected = size;
         self.written = 0;
         Ok(())
     }

@@ -7,14 +7,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Cursor, ErrorKind, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::archive::{self, safe_components, Attrs, Format, Unpack};
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{self, MANIFEST_NAME};
-use crate::source::{combine_crc, read_full};
+use crate::format::layout::MANIFEST_NAME;
+use crate::format::manifest;
+use crate::format::{self, combine_crc, read_full, safe_components, Attrs, Format, Unpack};
 
 /// What an extraction produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,20 +27,20 @@ pub struct Summary {
 /// A stream written by this tool is checked against its manifest: every file's size and
 /// CRC-32, and that nothing is missing or extra.
 pub fn extract(input: &mut dyn Read, target: &Path) -> Result<Summary> {
-    let mut head = vec![0u8; crate::archive::tar::BLOCK];
+    let mut head = vec![0u8; format::tar::BLOCK];
     let n = read_full(input, &mut head).context(|| "cannot read the input stream".into())?;
     head.truncate(n);
-    let format = Format::detect(&head)?;
+    let detected = Format::detect(&head)?;
     let mut stream = Cursor::new(head).chain(input);
     let mut unpacker = Extractor::new(target)?;
-    let result = match format {
-        Format::Tar => archive::tar::read(&mut stream, &mut unpacker),
-        Format::Xbstream => archive::xbstream::read(&mut stream, &mut unpacker),
+    let result = match detected {
+        Format::Tar => format::tar::read(&mut stream, &mut unpacker),
+        Format::Xbstream => format::xbstream::read(&mut stream, &mut unpacker),
     }
     .and_then(|files| unpacker.finish().map(|()| files));
     match result {
         Ok(files) => Ok(Summary {
-            format,
+            format: detected,
             files,
             bytes: unpacker.bytes,
         }),
@@ -249,23 +248,12 @@ impl OpenFile {
         if pending < WRITE_BEHIND {
             return;
         }
-        let fd = self.file.as_raw_fd();
-        // Failures here cost only speed: the final syncfs makes everything durable.
-        unsafe {
-            libc::sync_file_range(
-                fd,
-                self.submitted as i64,
-                pending as i64,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-            let previous = (self.submitted - self.dropped) as i64;
-            if previous > 0 {
-                let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-                libc::sync_file_range(fd, self.dropped as i64, previous, wait);
-                libc::posix_fadvise(fd, self.dropped as i64, previous, libc::POSIX_FADV_DONTNEED);
-            }
+        // Only hints: the final syncfs makes everything durable.
+        crate::sys::start_writeback(&self.file, self.submitted, pending);
+        if self.submitted > self.dropped {
+            let previous = self.submitted - self.dropped;
+            crate::sys::wait_writeback(&self.file, self.dropped, previous);
+            crate::sys::drop_cache(&self.file, self.dropped, previous);
         }
         self.dropped = self.submitted;
         self.submitted = self.written;
@@ -289,5 +277,107 @@ fn set_attrs(path: &Path, file: Option<&File>, attrs: Attrs) -> Result<()> {
                 .and_then(|()| f.set_modified(mtime))
                 .with_path("set attributes of", path)
         }
+    }
+}
+
+/// What [`scan`] found in a stream.
+pub struct Scanned {
+    /// The stream ends with its manifest.
+    pub complete: bool,
+    pub files: usize,
+    pub bytes: u64,
+    pub problems: Vec<manifest::Problem>,
+}
+
+/// Reads a whole stream without writing anything, and checks it against its manifest.
+/// A stream that cannot be decoded to its end is one problem: where it breaks.
+pub fn scan(input: &mut dyn Read) -> Result<Scanned> {
+    let mut head = vec![0u8; format::tar::BLOCK];
+    let n = read_full(input, &mut head).context(|| "cannot read the input stream".into())?;
+    head.truncate(n);
+    let detected = Format::detect(&head)?;
+    let mut stream = Cursor::new(head).chain(input);
+    let mut scanner = Scanner::default();
+    let read = match detected {
+        Format::Tar => format::tar::read(&mut stream, &mut scanner),
+        Format::Xbstream => format::xbstream::read(&mut stream, &mut scanner),
+    };
+    let mut problems = Vec::new();
+    if let Err(e) = read {
+        if !matches!(e, Error::Corrupt(_)) {
+            return Err(e);
+        }
+        problems.push(manifest::Problem {
+            path: "(stream)".into(),
+            problem: "truncated",
+            detail: e.to_string(),
+        });
+    }
+    let complete = scanner.manifest.is_some();
+    match &scanner.manifest {
+        Some(json) => {
+            let m: manifest::Manifest<serde_json::Value> = manifest::Manifest::parse(json)?;
+            let found = scanner
+                .received
+                .iter()
+                .map(|(p, &(size, crc))| (p.clone(), (size, Some(crc))))
+                .collect();
+            problems.extend(manifest::compare(&found, &m.files));
+        }
+        None if problems.is_empty() => problems.push(manifest::Problem {
+            path: MANIFEST_NAME.into(),
+            problem: "missing",
+            detail: "the stream ends without its manifest: it is truncated, or not a backup of this tool".into(),
+        }),
+        None => {}
+    }
+    Ok(Scanned {
+        complete,
+        files: scanner.received.len(),
+        bytes: scanner.received.values().map(|(s, _)| s).sum(),
+        problems,
+    })
+}
+
+/// An [`Unpack`] that only checksums.
+#[derive(Default)]
+struct Scanner {
+    open: HashMap<String, (u64, crc32fast::Hasher)>,
+    received: BTreeMap<String, (u64, u32)>,
+    manifest: Option<Vec<u8>>,
+    manifest_bytes: Vec<u8>,
+}
+
+impl Unpack for Scanner {
+    fn write(&mut self, path: &str, _offset: u64, data: &[u8], crc32: u32) -> Result<()> {
+        let name = safe_components(path)?.join("/");
+        let (size, crc) = self
+            .open
+            .entry(name.clone())
+            .or_insert_with(|| (0, crc32fast::Hasher::new()));
+        *size += data.len() as u64;
+        combine_crc(crc, crc32, data.len());
+        if name == MANIFEST_NAME {
+            self.manifest_bytes.extend_from_slice(data);
+        }
+        Ok(())
+    }
+
+    fn end_file(&mut self, path: &str, _attrs: Option<Attrs>) -> Result<()> {
+        let name = safe_components(path)?.join("/");
+        let (size, crc) = self
+            .open
+            .remove(&name)
+            .unwrap_or((0, crc32fast::Hasher::new()));
+        if name == MANIFEST_NAME {
+            self.manifest = Some(std::mem::take(&mut self.manifest_bytes));
+        } else {
+            self.received.insert(name, (size, crc.finalize()));
+        }
+        Ok(())
+    }
+
+    fn directory(&mut self, _path: &str, _attrs: Option<Attrs>) -> Result<()> {
+        Ok(())
     }
 }

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use clap::error::ErrorKind;
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 
-use crate::archive::Format;
+use crate::format::Format;
+use crate::pipeline::Compression;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -19,6 +20,12 @@ Examples:
 
   Stream a backup to another host and unpack it there (no mbstream or tar needed there):
     myrocks-hotbackup backup --stream tar | ssh backup-host myrocks-hotbackup extract -C /backups/today
+
+  Back up into a directory, compressed, four files at a time, at most 200 MiB/s:
+    myrocks-hotbackup backup --target-dir /backups/today --compress --parallel 4 --avg-mbytes-per-sec 200
+
+  Check a backup against its manifest, and see what it holds:
+    myrocks-hotbackup verify /backups/today && myrocks-hotbackup info /backups/today
 
   Restore into an empty datadir, then start the server on it:
     myrocks-hotbackup move-back --backup-dir /backups/today --datadir /var/lib/mysql
@@ -30,7 +37,8 @@ The original tool's flags work unchanged, without a subcommand:
 Credentials are read as the MySQL client tools read them: --password, MYSQL_PWD, then the
 [client] group of option files (--defaults-file, --defaults-extra-file, ~/.my.cnf).
 
-Exit codes: 0 success, 1 failure, 2 bad usage, 3 corrupt or unsafe input, 130 interrupted.";
+Exit codes: 0 success, 1 failure, 2 bad usage, 3 corrupt, incomplete or unsafe backup,
+130 interrupted.";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,7 +48,8 @@ Exit codes: 0 success, 1 failure, 2 bad usage, 3 corrupt or unsafe input, 130 in
     long_about = "Hot backup and restore for MyRocks (MariaDB with the RocksDB storage engine).\n\n\
         `backup` copies a live server's RocksDB data through short-lived checkpoints, plus its \
         schema and non-RocksDB files, at one consistent point in time whose binary log \
-        coordinates it records, and writes one tar or xbstream archive to stdout.",
+        coordinates it records, and writes one tar or xbstream archive to stdout or a \
+        directory tree.",
     after_help = EXAMPLES
 )]
 struct Cli {
@@ -50,9 +59,13 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Back up a running server; the archive goes to stdout, progress to stderr
+    /// Back up a running server into a stream on stdout or a directory; progress on stderr
     #[command(disable_help_flag = true)]
     Backup(BackupArgs),
+    /// Check every file of a backup (a directory or a stream) against its manifest
+    Verify(VerifyArgs),
+    /// Say what a backup holds: versions, times, coordinates, files and bytes per kind
+    Info(InfoArgs),
     /// Move an extracted backup into empty data directories (the backup directory is emptied)
     MoveBack(RestoreArgs),
     /// Copy an extracted backup into empty data directories (the backup is kept)
@@ -110,9 +123,31 @@ impl fmt::Debug for ConnectionArgs {
 pub struct BackupArgs {
     #[command(flatten)]
     pub conn: ConnectionArgs,
-    /// Archive format written to stdout
-    #[arg(short = 's', long, value_enum, default_value = "tar")]
-    pub stream: Format,
+    /// Archive format written to stdout [default: tar]
+    #[arg(short = 's', long, value_enum, conflicts_with = "target_dir")]
+    pub stream: Option<Format>,
+    /// Write the backup as a directory tree into DIR (new, or empty) instead of to stdout
+    #[arg(short = 't', long, value_name = "DIR")]
+    pub target_dir: Option<PathBuf>,
+    /// Files read and written at once [default: the number of CPUs, from 2 to 8]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel: Option<u16>,
+    /// Compress every file with zstd (level 1 to 22, default 3); files get a .zst suffix.
+    /// Needs --target-dir or --stream xbstream
+    #[arg(long, value_name = "zstd[:LEVEL]", num_args = 0..=1, default_missing_value = "zstd")]
+    pub compress: Option<Compression>,
+    /// Compression workers [default: the number of CPUs]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub compress_threads: Option<u16>,
+    /// Cap the rate at which the backup reads files, in MiB per second
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub avg_mbytes_per_sec: Option<u64>,
+    /// How to show progress: a bar when stderr is a terminal, else log lines every 10 s
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: ProgressMode,
+    /// Write a summary of the finished backup as JSON into FILE, for monitoring
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
     /// Where the temporary checkpoints go; must be on the RocksDB data's filesystem
     /// [default: #myrocks_hotbackup beside the RocksDB data directory]
     #[arg(short = 'c', long, value_name = "DIR")]
@@ -169,6 +204,44 @@ pub struct RestoreArgs {
     /// command that re-creates the mysql schema's InnoDB tables on the database host
     #[arg(long)]
     pub skip_bootstrap: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// A bar on a terminal, log lines otherwise
+    Auto,
+    Bar,
+    Log,
+    /// One JSON object per line on stderr
+    Json,
+    None,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The backup directory (a directory backup, or an extracted stream)
+    #[arg(
+        value_name = "DIR",
+        required_unless_present = "stream",
+        conflicts_with = "stream"
+    )]
+    pub dir: Option<PathBuf>,
+    /// Verify a tar or xbstream stream instead (a file, or - for stdin)
+    #[arg(long, value_name = "FILE")]
+    pub stream: Option<PathBuf>,
+    /// Print the result as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// The backup directory
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Print as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -281,7 +354,14 @@ impl LegacyArgs {
                 defaults_file: self.defaults_file,
                 ..ConnectionArgs::default()
             },
-            stream,
+            stream: Some(stream),
+            target_dir: None,
+            parallel: None,
+            compress: None,
+            compress_threads: None,
+            avg_mbytes_per_sec: self.avg_mbytes_per_sec,
+            progress: ProgressMode::Auto,
+            report: None,
             checkpoint_dir: self.checkpoint_dir,
             interval: self.interval,
             datadir: self.datadir,
@@ -305,6 +385,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, clap::
                 | "move-back"
                 | "copy-back"
                 | "extract"
+                | "verify"
+                | "info"
                 | "help"
                 | "-h"
                 | "--help"
@@ -365,7 +447,7 @@ mod tests {
         let Command::Backup(b) = cmd else {
             panic!("not a backup: {cmd:?}")
         };
-        assert_eq!(b.stream, Format::Xbstream);
+        assert_eq!(b.stream, Some(Format::Xbstream));
         assert_eq!(b.checkpoint_dir, Some(PathBuf::from("/data/snap")));
         assert_eq!(b.interval, 60);
         assert_eq!(b.conn.user.as_deref(), Some("bk"));

@@ -1,4 +1,8 @@
-//! The hot backup engine.
+//! The hot backup engine: the rounds and the consistent point. It talks to the server
+//! ([`crate::server`]), keeps its checkpoints in a [`checkpoint`] area, picks the datadir's
+//! files ([`datadir`]), brings the WAL to the consistent point ([`wal`]), copies what the
+//! server writes until commits are blocked aside ([`aside`]), and hands every file to the
+//! [`Pipeline`], in batches, with its kind.
 //!
 //! 1. **Catch-up rounds.** Create a checkpoint, send its SST files (oldest first), deleting
 //!    each hard link once sent. After `--interval` seconds abandon the round, delete the
@@ -23,6 +27,11 @@
 //! `RocksDB Backup Done.`, `All Backups Done.`), which scripts and MariaDB's test suite grep;
 //! the last line of a successful run also says `completed OK!`, as mariabackup's does.
 
+mod aside;
+mod checkpoint;
+mod datadir;
+mod wal;
+
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -30,33 +39,23 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::aside::Aside;
 use crate::cancel::Cancel;
-use crate::checkpoint::CheckpointArea;
 use crate::cli::BackupArgs;
-use crate::credentials;
-use crate::datadir::{self, DatadirFile};
-use crate::destination::Destination;
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{self, Manifest};
-use crate::server::{BinlogPosition, ReplicaState, Server, ServerInfo};
-use crate::source::{FileReader, FileRecord};
-use crate::wal::{WalFile, WalPins};
+use crate::format::layout::{BINLOG_INFO_NAME, INNODB_SQL_NAME, ROCKSDB_DIR, SLAVE_INFO_NAME};
+use crate::format::manifest::{Kind, Manifest};
+use crate::log::human;
+use crate::pipeline::progress::Progress;
+use crate::pipeline::{Item, Pipeline, Source};
+use crate::server::{credentials, BinlogPosition, ReplicaState, Server, ServerInfo};
 use crate::{info, warn};
+use aside::Aside;
+use checkpoint::CheckpointArea;
+use datadir::DatadirFile;
+use wal::{WalFile, WalPins};
 
-/// Where RocksDB files go in the backup.
-pub const ROCKSDB_DIR: &str = "#rocksdb";
-/// mariabackup's file with `file<TAB>position<TAB>gtid`, read by replica-provisioning scripts.
-pub const BINLOG_INFO_NAME: &str = "xtrabackup_binlog_info";
-/// mariabackup's `--slave-info` file: the statements that make a copy of a replica resume.
-pub const SLAVE_INFO_NAME: &str = "xtrabackup_slave_info";
-/// `SHOW CREATE TABLE` of the InnoDB tables in `mysql`, and the rows of
-/// `mysql.gtid_slave_pos`: run at restore, with `USE mysql` first.
-pub const INNODB_SQL_NAME: &str = "myrocks_hotbackup_innodb.sql";
 /// Name of the default checkpoint directory, beside the RocksDB data directory.
 const DEFAULT_CHECKPOINT_DIR: &str = "#myrocks_hotbackup";
-/// How often progress is logged.
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// What the manifest records about a backup.
 #[derive(Debug, Serialize, Deserialize)]
@@ -96,9 +95,14 @@ pub struct RoundStats {
     pub complete: bool,
 }
 
-/// Runs a backup into `dest`.
-pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Result<BackupInfo> {
-    let result = backup(args, dest, cancel.clone());
+/// Runs a backup through `pipeline`, and commits it.
+pub fn run(
+    args: &BackupArgs,
+    pipeline: Pipeline,
+    progress: &dyn Progress,
+    cancel: Cancel,
+) -> Result<Manifest<BackupInfo>> {
+    let result = backup(args, pipeline, progress, cancel.clone());
     match (result, cancel.check()) {
         // A statement killed by the signal watcher fails with a server error: say why.
         (Err(e), Err(stop)) if !matches!(e, Error::Interrupted(_)) => {
@@ -109,7 +113,12 @@ pub fn run(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Res
     }
 }
 
-fn backup(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Result<BackupInfo> {
+fn backup(
+    args: &BackupArgs,
+    pipeline: Pipeline,
+    progress: &dyn Progress,
+    cancel: Cancel,
+) -> Result<Manifest<BackupInfo>> {
     let started = crate::log::unix_now();
     info!("Starting backup.");
     let creds = credentials::resolve(&args.conn)?;
@@ -155,15 +164,13 @@ fn backup(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Resu
     datadir::aria_logs(&info.aria_log_dir)?;
 
     let mut job = Job {
-        reader: FileReader::new(cancel.clone()),
-        dest,
-        records: Vec::new(),
+        pipeline,
         sent_sst: HashMap::new(),
-        progress: Progress::new(),
+        progress,
+        other_bytes: 0,
         cancel,
     };
-    job.records
-        .push(manifest::write_begin(&mut job.reader, job.dest)?);
+    job.pipeline.begin()?;
 
     let rounds = job.catch_up(&mut server, &area, Duration::from_secs(args.interval))?;
     let sent_gb = job.sent_sst.values().sum::<u64>() as f64 / (1u64 << 30) as f64;
@@ -200,9 +207,12 @@ fn backup(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Resu
 
     let obsolete_sst = job.send_final(&point, &area)?;
     info!("Taking MySQL misc backups..");
-    for f in point.aside.files() {
-        job.send(&f.source, &f.name)?;
-    }
+    let aside_files = point.aside.files().into_iter();
+    job.send_all(
+        aside_files
+            .map(|f| Item::file(f.name, Kind::TableData, f.source))
+            .collect(),
+    )?;
     info!("MySQL misc backups done.");
     let mut extra: Vec<(&str, Vec<u8>)> = Vec::new();
     match &point.binlog {
@@ -221,10 +231,12 @@ fn backup(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Resu
     if !point.innodb_sql.is_empty() {
         extra.push((INNODB_SQL_NAME, point.innodb_sql.clone().into_bytes()));
     }
-    for (name, bytes) in extra {
-        let record = job.reader.send_bytes(name, &bytes, job.dest)?;
-        job.records.push(record);
-    }
+    job.send_all(
+        extra
+            .into_iter()
+            .map(|(name, bytes)| Item::bytes(name, Kind::Metadata, bytes))
+            .collect(),
+    )?;
 
     let backup = BackupInfo {
         server: info,
@@ -239,19 +251,9 @@ fn backup(args: &BackupArgs, dest: &mut dyn Destination, cancel: Cancel) -> Resu
         skipped_innodb_tables: point.skipped_innodb_tables,
         obsolete_sst,
     };
-    let manifest = Manifest {
-        tool: manifest::tool_version(),
-        backup,
-        files: std::mem::take(&mut job.records),
-    };
-    manifest::write_manifest(&manifest, &mut job.reader, job.dest)?;
+    let manifest = job.pipeline.commit(backup)?;
     drop(area);
-    job.progress.finish(
-        job.reader.bytes_sent(),
-        manifest.files.len() + 1,
-        job.sent_sst.len(),
-    );
-    Ok(manifest.backup)
+    Ok(manifest)
 }
 
 /// Before the consistent point: copies all but the tail of the logs the server writes until
@@ -402,21 +404,63 @@ struct ConsistentPoint {
 
 /// The state of one backup run.
 struct Job<'a> {
-    reader: FileReader,
-    dest: &'a mut dyn Destination,
-    records: Vec<FileRecord>,
+    pipeline: Pipeline<'a>,
     /// SSTs already in the backup, by name, with their size.
     sent_sst: HashMap<String, u64>,
-    progress: Progress,
+    progress: &'a dyn Progress,
+    /// Bytes of files other than SSTs expected (for the progress total).
+    other_bytes: u64,
     cancel: Cancel,
 }
 
 impl Job<'_> {
-    fn send(&mut self, source: &Path, name: &str) -> Result<()> {
-        let record = self.reader.send(source, name, self.dest)?;
-        self.records.push(record);
-        self.progress.tick(self.reader.bytes_sent());
+    fn send_all(&mut self, items: Vec<Item>) -> Result<()> {
+        let left = self.pipeline.send(items, None)?;
+        debug_assert!(left.is_empty(), "no deadline, nothing left");
         Ok(())
+    }
+
+    /// Sends SSTs of a checkpoint (removing each hard link once the sink holds the file);
+    /// those not started by `deadline` are left. Returns the bytes sent.
+    fn send_ssts(
+        &mut self,
+        dir: &Path,
+        ssts: &[(String, u64)],
+        deadline: Option<Instant>,
+    ) -> Result<(usize, u64)> {
+        let items = ssts
+            .iter()
+            .map(|(name, _)| Item {
+                name: format!("{ROCKSDB_DIR}/{name}"),
+                kind: Kind::Sst,
+                source: Source::File {
+                    path: dir.join(name),
+                    len: None,
+                    unlink: true,
+                },
+            })
+            .collect();
+        let left: HashSet<String> = self
+            .pipeline
+            .send(items, deadline)?
+            .into_iter()
+            .map(|item| item.name)
+            .collect();
+        let (mut files, mut bytes) = (0, 0);
+        for (name, size) in ssts {
+            if !left.contains(&format!("{ROCKSDB_DIR}/{name}")) {
+                self.sent_sst.insert(name.clone(), *size);
+                files += 1;
+                bytes += size;
+            }
+        }
+        Ok((files, bytes))
+    }
+
+    /// Tells the progress display what the whole backup will read, as known now.
+    fn set_total(&self, unsent: u64) {
+        let sent: u64 = self.sent_sst.values().sum();
+        self.progress.set_total(sent + unsent + self.other_bytes);
     }
 
     /// SSTs of a checkpoint listing not yet sent (a file's name and size identify it).
@@ -470,19 +514,9 @@ impl Job<'_> {
                 fs::remove_dir_all(&dir).with_path("remove checkpoint", &dir)?;
                 break;
             }
-            let (mut files, mut bytes) = (0, 0);
-            for (name, size) in &ssts {
-                let link = dir.join(name);
-                self.send(&link, &format!("{ROCKSDB_DIR}/{name}"))?;
-                fs::remove_file(&link).with_path("remove", &link)?;
-                self.sent_sst.insert(name.clone(), *size);
-                area.check_space()?;
-                files += 1;
-                bytes += size;
-                if start.elapsed() > interval && files < ssts.len() {
-                    break;
-                }
-            }
+            self.set_total(unsent);
+            area.check_space()?;
+            let (files, bytes) = self.send_ssts(&dir, &ssts, Some(start + interval))?;
             fs::remove_dir_all(&dir).with_path("remove checkpoint", &dir)?;
             info!("Cleaned up checkpoint from {}", dir.display());
             let stats = RoundStats {
@@ -528,9 +562,15 @@ impl Job<'_> {
         for table in &sel.innodb_system_tables {
             innodb_sql.push_str(&format!("{};\n", server.create_table_sql("mysql", table)?));
         }
-        for f in sel.schema.iter().chain(&sel.table_data) {
-            self.send(&f.source, &f.name)?;
-        }
+        let schema = sel
+            .schema
+            .iter()
+            .map(|f| Item::file(&f.name, Kind::TableDef, &f.source));
+        let data = sel
+            .table_data
+            .iter()
+            .map(|f| Item::file(&f.name, Kind::TableData, &f.source));
+        self.send_all(schema.chain(data).collect())?;
         info!(
             "Sent {} table definition and {} table data files",
             sel.schema.len(),
@@ -656,13 +696,16 @@ impl Job<'_> {
         let listing = list_checkpoint(dir)?;
         let ssts = self.unsent_ssts(&listing);
         info!("Final checkpoint: {} new SST files", ssts.len());
-        for (name, size) in &ssts {
-            let link = dir.join(name);
-            self.send(&link, &format!("{ROCKSDB_DIR}/{name}"))?;
-            fs::remove_file(&link).with_path("remove", &link)?;
-            self.sent_sst.insert(name.clone(), *size);
-            area.check_space()?;
-        }
+        let wal_bytes: u64 = point.wal.iter().map(|w| w.size).sum();
+        let rest_bytes: u64 = listing
+            .iter()
+            .filter(|(n, _)| !n.ends_with(".sst") && !n.ends_with(".log"))
+            .map(|(_, size)| size)
+            .sum();
+        self.other_bytes += wal_bytes + rest_bytes;
+        self.set_total(ssts.iter().map(|(_, size)| size).sum());
+        area.check_space()?;
+        self.send_ssts(dir, &ssts, None)?;
         let live: HashSet<&String> = listing.iter().map(|(name, _)| name).collect();
         let mut obsolete: Vec<String> = self
             .sent_sst
@@ -672,25 +715,32 @@ impl Job<'_> {
             .collect();
         obsolete.sort();
         info!("Backup WAL..");
-        for w in &point.wal {
-            let record = self.reader.send_prefix(
-                &w.source,
-                &format!("{ROCKSDB_DIR}/{}", w.name),
-                Some(w.size),
-                self.dest,
-            )?;
-            self.records.push(record);
-        }
-        let mut rest: Vec<&String> = listing
+        let wal = point.wal.iter().map(|w| Item {
+            name: format!("{ROCKSDB_DIR}/{}", w.name),
+            kind: Kind::Wal,
+            source: Source::File {
+                path: w.source.clone(),
+                len: Some(w.size),
+                unlink: false,
+            },
+        });
+        self.send_all(wal.collect())?;
+        let rest = listing
             .iter()
             .map(|(name, _)| name)
-            .filter(|n| !n.ends_with(".sst") && !n.ends_with(".log"))
-            .collect();
+            .filter(|n| !n.ends_with(".sst") && !n.ends_with(".log"));
         // CURRENT last: it names the MANIFEST, which must be complete before it.
-        rest.sort_by_key(|n| (rocksdb_file_order(n), *n));
+        let (current, rest): (Vec<&String>, Vec<&String>) = rest.partition(|n| *n == "CURRENT");
         info!("Backup Manifest..");
-        for name in &rest {
-            self.send(&dir.join(name), &format!("{ROCKSDB_DIR}/{name}"))?;
+        for batch in [rest, current] {
+            let items = batch.into_iter().map(|name| {
+                Item::file(
+                    format!("{ROCKSDB_DIR}/{name}"),
+                    Kind::RocksdbMeta,
+                    dir.join(name),
+                )
+            });
+            self.send_all(items.collect())?;
         }
         fs::remove_dir_all(dir).with_path("remove checkpoint", dir)?;
         info!("Cleaned up checkpoint from {}", dir.display());
@@ -715,64 +765,4 @@ fn list_checkpoint(dir: &Path) -> Result<Vec<(String, u64)>> {
     }
     files.sort();
     Ok(files)
-}
-
-fn rocksdb_file_order(name: &str) -> u8 {
-    match name {
-        n if n.starts_with("OPTIONS") => 1,
-        n if n.starts_with("MANIFEST") => 2,
-        "CURRENT" => 4,
-        _ => 3,
-    }
-}
-
-/// Progress lines on stderr, in the original tool's style.
-struct Progress {
-    start: Instant,
-    last: Instant,
-    last_bytes: u64,
-}
-
-impl Progress {
-    fn new() -> Progress {
-        Progress {
-            start: Instant::now(),
-            last: Instant::now(),
-            last_bytes: 0,
-        }
-    }
-
-    fn tick(&mut self, bytes: u64) {
-        let since = self.last.elapsed();
-        if since >= PROGRESS_EVERY {
-            info!(
-                "Backup Progress: Sent {}, Transfer Speed: {}/s",
-                human(bytes),
-                human(((bytes - self.last_bytes) as f64 / since.as_secs_f64()) as u64)
-            );
-            self.last = Instant::now();
-            self.last_bytes = bytes;
-        }
-    }
-
-    fn finish(&self, bytes: u64, files: usize, ssts: usize) {
-        let secs = self.start.elapsed().as_secs_f64();
-        info!(
-            "All Backups Done. {files} files ({ssts} SST), {} in {secs:.1} s, {}/s; backup completed OK!",
-            human(bytes),
-            human((bytes as f64 / secs.max(1e-3)) as u64)
-        );
-    }
-}
-
-/// `1.23 GiB` and the like.
-pub fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < units.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.2} {}", units[unit])
 }

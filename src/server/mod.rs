@@ -10,9 +10,11 @@ use mysql::prelude::Queryable;
 use mysql::{Conn, OptsBuilder};
 use serde::{Deserialize, Serialize};
 
+pub mod credentials;
+
 use crate::cancel::Cancel;
-use crate::credentials::{Credentials, Endpoint};
 use crate::error::{Error, Result};
+use crate::server::credentials::{Credentials, Endpoint};
 use crate::{info, warn};
 
 /// What the backup needs to know about the server.

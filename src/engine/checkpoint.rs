@@ -130,9 +130,9 @@ impl CheckpointArea {
                  and keeps {} free for the server, so it stopped and released its checkpoints. \
                  Free space on that filesystem",
                 self.run_dir.display(),
-                crate::backup::human(free),
-                crate::backup::human(bytes),
-                crate::backup::human(keep)
+                crate::log::human(free),
+                crate::log::human(bytes),
+                crate::log::human(keep)
             )));
         }
         Ok(())

@@ -10,9 +10,8 @@ use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 
 use super::Unpack;
-use crate::destination::{Destination, FileMeta};
+use super::{combine_crc, read_full, Encoder, FileMeta, CHUNK_SIZE};
 use crate::error::{Error, IoContext, Result};
-use crate::source::{combine_crc, read_full, CHUNK_SIZE};
 
 pub const MAGIC: &[u8; 8] = b"XBSTCK01";
 /// `mbstream` rejects paths of 512 bytes or more.
@@ -29,7 +28,7 @@ pub struct XbstreamWriter<W: Write> {
     out: W,
     path: Vec<u8>,
     offset: u64,
-    expected: u64,
+    expected: Option<u64>,
     /// Directories that `mbstream -x` will have created by the time it reaches a file:
     /// it creates a file's immediate parent, nothing above it.
     dirs: HashSet<String>,
@@ -42,7 +41,7 @@ impl<W: Write> XbstreamWriter<W> {
             out,
             path: Vec::new(),
             offset: 0,
-            expected: 0,
+            expected: None,
             dirs: HashSet::new(),
             head: Vec::with_capacity(64 + MAX_WRITE_PATH),
         }
@@ -98,7 +97,7 @@ impl<W: Write> XbstreamWriter<W> {
     }
 }
 
-impl<W: Write> Destination for XbstreamWriter<W> {
+impl<W: Write + Send> Encoder for XbstreamWriter<W> {
     fn begin_file(&mut self, meta: &FileMeta) -> Result<()> {
         self.check_path(&meta.path)?;
         if let Some((parent, _)) = meta.path.rsplit_once('/') {
@@ -124,7 +123,9 @@ impl<W: Write> Destination for XbstreamWriter<W> {
     }
 
     fn end_file(&mut self) -> Result<()> {
-        assert_eq!(self.offset, self.expected, "xbstream file size mismatch");
+        if let Some(expected) = self.expected {
+            assert_eq!(self.offset, expected, "xbstream file size mismatch");
+        }
         self.start_chunk(b'E');
         Self::put(&mut self.out, &self.head)
     }

@@ -1,0 +1,129 @@
+//! `backup`: builds the sink (a stream on stdout or a directory), the pipeline and the
+//! progress display from the command line, runs the engine, and reports.
+
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::info::Summary;
+use crate::cli::{BackupArgs, ProgressMode};
+use crate::error::{Error, Result};
+use crate::format::tar::TarWriter;
+use crate::format::xbstream::XbstreamWriter;
+use crate::format::{Encoder, Format};
+use crate::log::human;
+use crate::pipeline::progress::{Bar, JsonLines, LogLines, Progress, Quiet};
+use crate::pipeline::{Options, Pipeline};
+use crate::sink::dir::DirSink;
+use crate::sink::stream::StreamSink;
+use crate::sink::Sink;
+use crate::{engine, info};
+
+/// The `--report` file: the backup's summary, and how fast it went.
+#[derive(Serialize)]
+struct Report<'a> {
+    #[serde(flatten)]
+    summary: &'a Summary,
+    destination: String,
+    duration_secs: f64,
+    bytes_per_sec: f64,
+}
+
+pub fn run(args: BackupArgs) -> Result<()> {
+    let format = args.stream.unwrap_or(Format::Tar);
+    if args.compress.is_some() && args.target_dir.is_none() && format == Format::Tar {
+        return Err(Error::Usage(
+            "--compress needs --stream xbstream or --target-dir: tar needs each file's size before its bytes, \
+             and a compressed file has none until it is written"
+                .into(),
+        ));
+    }
+    let cancel = super::on_signals()?;
+    let parallel = args.parallel.map_or(super::cpus().clamp(2, 8), usize::from);
+    let options = Options {
+        parallel,
+        compression: args.compress,
+        compress_threads: args.compress_threads.map_or(super::cpus(), usize::from),
+        bytes_per_sec: args.avg_mbytes_per_sec.map(|m| m << 20),
+    };
+    let sink: Box<dyn Sink> = match &args.target_dir {
+        Some(dir) => Box::new(DirSink::create(dir, parallel)?),
+        None => {
+            let out = super::stdio::stdout()?;
+            let encoder: Box<dyn Encoder> = match format {
+                Format::Tar => Box::new(TarWriter::new(out)),
+                Format::Xbstream => Box::new(XbstreamWriter::new(out)),
+            };
+            Box::new(StreamSink::new(encoder, parallel))
+        }
+    };
+    let progress: Box<dyn Progress> = match args.progress {
+        ProgressMode::Auto if std::io::stderr().is_terminal() => Box::new(Bar::new()),
+        ProgressMode::Auto | ProgressMode::Log => Box::new(LogLines::new()),
+        ProgressMode::Bar => Box::new(Bar::new()),
+        ProgressMode::Json => Box::new(JsonLines::new()),
+        ProgressMode::None => Box::new(Quiet),
+    };
+    let start = Instant::now();
+    let pipeline = Pipeline::new(&*sink, options, &*progress, cancel.clone());
+    let result = engine::run(&args, pipeline, &*progress, cancel);
+    progress.done();
+    let manifest = match result {
+        Ok(manifest) => manifest,
+        Err(e) => {
+            let cause = sink.abort();
+            if let Some(dir) = &args.target_dir {
+                info!("Removed the incomplete backup from {}", dir.display());
+            }
+            return Err(match (e, cause) {
+                (Error::Closed, Some(cause)) => cause,
+                (e, _) => e,
+            });
+        }
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let value = serde_json::to_value(&manifest.backup).expect("serialisable");
+    let summary = Summary::of(&crate::format::manifest::Manifest {
+        format: manifest.format,
+        tool: manifest.tool.clone(),
+        compression: manifest.compression.clone(),
+        backup: value,
+        files: manifest.files.clone(),
+    });
+    if summary.compression.is_some() {
+        let ratios: Vec<String> = summary
+            .kinds
+            .iter()
+            .filter(|(_, k)| k.bytes > 0)
+            .map(|(name, k)| format!("{name} {:.2}", k.compression_ratio))
+            .collect();
+        info!(
+            "Compressed {} to {} (ratio {:.2}; by kind: {})",
+            human(summary.bytes),
+            human(summary.stored_bytes),
+            summary.compression_ratio,
+            ratios.join(", ")
+        );
+    }
+    if let Some(path) = &args.report {
+        let report = Report {
+            summary: &summary,
+            destination: args
+                .target_dir
+                .as_ref()
+                .map_or("stdout".into(), |d| d.display().to_string()),
+            duration_secs: secs,
+            bytes_per_sec: summary.bytes as f64 / secs.max(1e-3),
+        };
+        super::info::write_json(path, &report)?;
+    }
+    let ssts = summary.kinds.get("sst").map_or(0, |k| k.files);
+    info!(
+        "All Backups Done. {} files ({ssts} SST), {} in {secs:.1} s, {}/s; backup completed OK!",
+        summary.files + 1,
+        human(summary.bytes),
+        human((summary.bytes as f64 / secs.max(1e-3)) as u64)
+    );
+    Ok(())
+}

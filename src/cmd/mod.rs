@@ -1,0 +1,34 @@
+//! One file per command: each turns the parsed command line into a run of the library,
+//! and its outcome into output on stdout (archives, JSON) and stderr (log lines).
+
+mod backup;
+mod extract;
+mod info;
+mod stdio;
+mod verify;
+
+use crate::cancel::Cancel;
+use crate::cli::Command;
+use crate::error::{IoContext, Result};
+use crate::restore::{self, Mode};
+
+/// Runs one command.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Backup(args) => backup::run(args),
+        Command::MoveBack(args) => restore::run(&args, Mode::Move, &on_signals()?),
+        Command::CopyBack(args) => restore::run(&args, Mode::Copy, &on_signals()?),
+        Command::Extract(args) => extract::run(args),
+        Command::Verify(args) => verify::run(args),
+        Command::Info(args) => info::run(args),
+    }
+}
+
+fn on_signals() -> Result<Cancel> {
+    Cancel::on_signals().context(|| "cannot install signal handlers".into())
+}
+
+/// The number of CPUs this process may use.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}

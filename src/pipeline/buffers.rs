@@ -1,0 +1,133 @@
+//! Owned, pooled buffers. A pool hands out at most a fixed number of buffers, allocating
+//! them on first use; a buffer goes back to its pool when dropped, wherever that happens
+//! (in a reader, a compression worker, or a sink's writer thread). Memory is therefore
+//! bounded by the pool sizes, whatever the size of the data.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crossbeam_channel::{Receiver, Sender};
+
+pub struct Pool {
+    free: Receiver<Vec<u8>>,
+    home: Sender<Vec<u8>>,
+    allocated: AtomicUsize,
+    max: usize,
+    size: usize,
+}
+
+impl Pool {
+    /// A pool of at most `max` buffers of `size` bytes each.
+    pub fn new(max: usize, size: usize) -> Pool {
+        let (home, free) = crossbeam_channel::bounded(max);
+        Pool {
+            free,
+            home,
+            allocated: AtomicUsize::new(0),
+            max,
+            size,
+        }
+    }
+
+    /// A buffer of the pool's size, waiting for one to come back when all are in use.
+    pub fn get(&self) -> Buf {
+        let data = match self.free.try_recv() {
+            Ok(data) => data,
+            Err(_) if self.reserve() => vec![0; self.size],
+            Err(_) => self.free.recv().expect("the pool holds a sender"),
+        };
+        Buf {
+            len: 0,
+            data,
+            home: Some(self.home.clone()),
+        }
+    }
+
+    fn reserve(&self) -> bool {
+        self.allocated
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+}
+
+/// A buffer whose first `len` bytes are its contents.
+pub struct Buf {
+    data: Vec<u8>,
+    len: usize,
+    home: Option<Sender<Vec<u8>>>,
+}
+
+impl Buf {
+    /// Bytes that belong to no pool (small files made in memory).
+    pub fn from_vec(data: Vec<u8>) -> Buf {
+        Buf {
+            len: data.len(),
+            data,
+            home: None,
+        }
+    }
+
+    /// The whole buffer, to be filled; then [`Buf::set_len`].
+    pub fn space(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.data.len());
+        self.len = len;
+    }
+}
+
+impl Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+}
+
+impl DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.data[..self.len]
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let Some(home) = self.home.take() {
+            let _ = home.try_send(std::mem::take(&mut self.data));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_return_to_their_pool_and_are_reused() {
+        let pool = Pool::new(2, 16);
+        let a = pool.get();
+        let b = pool.get();
+        let ptr = a.data.as_ptr();
+        drop(a);
+        let c = pool.get(); // must be a's buffer: no third allocation
+        assert_eq!(c.data.as_ptr(), ptr);
+        assert_eq!(pool.allocated.load(Ordering::Relaxed), 2);
+        drop((b, c));
+    }
+
+    #[test]
+    fn a_full_pool_waits_for_a_buffer() {
+        let pool = Pool::new(1, 8);
+        let a = pool.get();
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| pool.get().space().len());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!waiter.is_finished());
+            drop(a);
+            assert_eq!(waiter.join().unwrap(), 8);
+        });
+    }
+}

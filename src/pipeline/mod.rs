@@ -1,0 +1,280 @@
+//! The path from files on disk to a [`Sink`]: the engine plans batches of [`Item`]s (a
+//! file, its kind and its name in the backup); reader threads take them in turn, read,
+//! throttle and checksum each byte once ([`read`]); compression workers, when asked for,
+//! compress chunks on every core ([`compress`]); the sink stores the results. Channels are
+//! bounded and buffers come from fixed pools ([`buffers`]), so memory depends on the
+//! configuration, never on the data. Progress goes to a [`progress::Progress`].
+
+mod buffers;
+pub mod compress;
+pub mod progress;
+mod read;
+mod throttle;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::Serialize;
+
+pub use buffers::Buf;
+use buffers::Pool;
+pub use compress::Compression;
+use progress::Progress;
+use throttle::Throttle;
+
+use crate::cancel::Cancel;
+use crate::error::{Error, Result};
+use crate::format::layout::BEGIN_NAME;
+use crate::format::manifest::{self, Begin, FileRecord, Kind, Manifest};
+use crate::format::CHUNK_SIZE;
+use crate::sink::Sink;
+
+/// One file to store.
+pub struct Item {
+    /// Its path in the backup.
+    pub name: String,
+    pub kind: Kind,
+    pub source: Source,
+}
+
+pub enum Source {
+    /// A file on disk; `len` sends only its first bytes (a log that goes on growing);
+    /// `unlink` removes it once the sink holds it (a checkpoint's hard link).
+    File {
+        path: PathBuf,
+        len: Option<u64>,
+        unlink: bool,
+    },
+    /// Bytes made in memory (the backup's own metadata).
+    Bytes(Vec<u8>),
+}
+
+impl Item {
+    pub fn file(name: impl Into<String>, kind: Kind, path: impl Into<PathBuf>) -> Item {
+        Item {
+            name: name.into(),
+            kind,
+            source: Source::File {
+                path: path.into(),
+                len: None,
+                unlink: false,
+            },
+        }
+    }
+
+    pub fn bytes(name: impl Into<String>, kind: Kind, bytes: Vec<u8>) -> Item {
+        Item {
+            name: name.into(),
+            kind,
+            source: Source::Bytes(bytes),
+        }
+    }
+}
+
+/// How the pipeline runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Files read at once (fewer when the sink takes fewer).
+    pub parallel: usize,
+    pub compression: Option<Compression>,
+    /// Compression workers.
+    pub compress_threads: usize,
+    /// The cap on the read rate of all readers together.
+    pub bytes_per_sec: Option<u64>,
+}
+
+impl Options {
+    /// One reader, no compression, no cap.
+    pub fn serial() -> Options {
+        Options {
+            parallel: 1,
+            compression: None,
+            compress_threads: 1,
+            bytes_per_sec: None,
+        }
+    }
+}
+
+/// Chunks a sink may hold of a file it has not yet taken (see [`sink::stream`](crate::sink::stream)).
+pub const QUEUED_CHUNKS: usize = 4;
+
+/// What the readers share.
+struct Ctx<'a> {
+    sink: &'a dyn Sink,
+    pool: &'a Pool,
+    throttle: Option<Throttle>,
+    compress: Option<CompressCtx<'a>>,
+    progress: &'a dyn Progress,
+    cancel: Cancel,
+}
+
+struct CompressCtx<'a> {
+    jobs: crossbeam_channel::Sender<compress::Job>,
+    pool: &'a Pool,
+    /// Chunks of one file in the workers at once.
+    depth: usize,
+}
+
+pub struct Pipeline<'a> {
+    sink: &'a dyn Sink,
+    options: Options,
+    progress: &'a dyn Progress,
+    cancel: Cancel,
+    pool: Pool,
+    out_pool: Pool,
+    throttle_rate: Option<u64>,
+    records: Mutex<Vec<FileRecord>>,
+}
+
+impl<'a> Pipeline<'a> {
+    pub fn new(
+        sink: &'a dyn Sink,
+        options: Options,
+        progress: &'a dyn Progress,
+        cancel: Cancel,
+    ) -> Pipeline<'a> {
+        let readers = options.parallel.max(1);
+        let depth = options.compress_threads.max(1);
+        // A reader holds at most `depth` chunks in the workers, `QUEUED_CHUNKS` in the sink
+        // and one in its hands: with these sizes no pool ever runs dry for a reader that
+        // must make progress, so the stages cannot block each other in a circle.
+        let (input, output) = match options.compression {
+            Some(_) => (
+                readers * (depth + 1) + 1,
+                readers * (depth + QUEUED_CHUNKS + 1) + 1,
+            ),
+            None => (readers * (QUEUED_CHUNKS + 1) + 1, 0),
+        };
+        Pipeline {
+            sink,
+            progress,
+            cancel,
+            pool: Pool::new(input, CHUNK_SIZE),
+            out_pool: Pool::new(output.max(1), compress::bound(CHUNK_SIZE)),
+            throttle_rate: options.bytes_per_sec,
+            options,
+            records: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Starts the backup: its marker file goes first.
+    pub fn begin(&self) -> Result<()> {
+        self.send(
+            vec![Item::bytes(BEGIN_NAME, Kind::Metadata, Begin::now())],
+            None,
+        )
+        .map(drop)
+    }
+
+    /// Stores `items`, several at a time. Items not started by `deadline` are returned.
+    pub fn send(&self, items: Vec<Item>, deadline: Option<Instant>) -> Result<Vec<Item>> {
+        let readers = self
+            .options
+            .parallel
+            .min(self.sink.max_in_flight())
+            .min(items.len())
+            .max(1);
+        let queue = Mutex::new(items.into_iter().collect::<VecDeque<_>>());
+        let failed = AtomicBool::new(false);
+        let first_error: Mutex<Option<Error>> = Mutex::new(None);
+        let level = self.options.compression.map(|c| c.level);
+        std::thread::scope(|workers| {
+            let (jobs, job_queue) = crossbeam_channel::bounded(self.options.compress_threads * 2);
+            if let Some(level) = level {
+                for _ in 0..self.options.compress_threads.max(1) {
+                    let job_queue = job_queue.clone();
+                    workers.spawn(move || compress::worker(job_queue, level));
+                }
+            }
+            drop(job_queue);
+            let ctx = Ctx {
+                sink: self.sink,
+                pool: &self.pool,
+                throttle: self.throttle_rate.map(Throttle::new),
+                compress: level.map(|_| CompressCtx {
+                    jobs,
+                    pool: &self.out_pool,
+                    depth: self.options.compress_threads.max(1),
+                }),
+                progress: self.progress,
+                cancel: self.cancel.clone(),
+            };
+            std::thread::scope(|s| {
+                let readers: Vec<_> = (0..readers)
+                    .map(|_| s.spawn(|| self.reader(&ctx, &queue, deadline, &failed, &first_error)))
+                    .collect();
+                for r in readers {
+                    if r.join().is_err() {
+                        lock(&first_error)
+                            .get_or_insert(Error::Refused("a reader thread panicked".into()));
+                    }
+                }
+            });
+            // Dropping the context closes the job queue: the workers end.
+            drop(ctx);
+        });
+        match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(queue.into_inner().unwrap_or_else(|e| e.into_inner()).into()),
+        }
+    }
+
+    /// One reader thread: takes items until none are left, the deadline passed, or a
+    /// reader failed.
+    fn reader(
+        &self,
+        ctx: &Ctx,
+        queue: &Mutex<VecDeque<Item>>,
+        deadline: Option<Instant>,
+        failed: &AtomicBool,
+        first_error: &Mutex<Option<Error>>,
+    ) {
+        loop {
+            if failed.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+                return;
+            }
+            let Some(item) = lock(queue).pop_front() else {
+                return;
+            };
+            match read::store(item, ctx) {
+                Ok(record) => lock(&self.records).push(record),
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    let mut first = lock(first_error);
+                    // The sink's "closed" follows the error that closed it.
+                    if matches!(*first, None | Some(Error::Closed)) {
+                        *first = Some(e);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The records of every file stored so far.
+    pub fn records(&self) -> Vec<FileRecord> {
+        lock(&self.records).clone()
+    }
+
+    /// Completes the backup: the manifest, with every file stored, goes last.
+    pub fn commit<B: Serialize>(self, backup: B) -> Result<Manifest<B>> {
+        let mut files = self.records.into_inner().unwrap_or_else(|e| e.into_inner());
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let manifest = Manifest {
+            format: manifest::FORMAT_VERSION,
+            tool: manifest::tool_version(),
+            compression: self.options.compression.map(|c| c.label()),
+            backup,
+            files,
+        };
+        self.sink.commit(&manifest.to_json())?;
+        Ok(manifest)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

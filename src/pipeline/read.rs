@@ -1,0 +1,248 @@
+//! Reading one file into the sink: each byte is read once, checksummed once as it passes,
+//! optionally compressed, and handed over in owned chunks. Pages of the file that were not
+//! in the page cache before are dropped from it again as soon as they are read, so that a
+//! backup leaves the server's cache as it found it.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::ErrorKind;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use super::compress::{self, Job};
+use super::{Ctx, Item, Source};
+use crate::error::{Error, IoContext, Result};
+use crate::format::layout::ZSTD_SUFFIX;
+use crate::format::manifest::{FileRecord, Kind, Original};
+use crate::format::{combine_crc, read_full, FileMeta, CHUNK_SIZE};
+use crate::sink::{Chunk, SinkFile};
+
+/// Stores one item; returns its manifest record.
+pub fn store(item: Item, ctx: &Ctx) -> Result<FileRecord> {
+    match &item.source {
+        Source::File { path, len, unlink } => {
+            let record = store_file(&item.name, item.kind, path, *len, ctx)?;
+            if *unlink {
+                std::fs::remove_file(path).with_path("remove", path)?;
+            }
+            Ok(record)
+        }
+        Source::Bytes(bytes) => store_bytes(&item.name, item.kind, bytes, ctx),
+    }
+}
+
+/// Whether files of this kind are compressed when compression is on. The backup's own
+/// small files stay readable: scripts read `xtrabackup_binlog_info` where it lies.
+fn compressible(kind: Kind) -> bool {
+    kind != Kind::Metadata
+}
+
+fn store_file(
+    name: &str,
+    kind: Kind,
+    src: &Path,
+    len: Option<u64>,
+    ctx: &Ctx,
+) -> Result<FileRecord> {
+    // Never through a symbolic link: the checkpoint directory is the server's to write.
+    let mut file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(src)
+        .with_path("open", src)?;
+    let md = file.metadata().with_path("stat", src)?;
+    if !md.is_file() {
+        return Err(Error::Refused(format!(
+            "{} is not a regular file",
+            src.display()
+        )));
+    }
+    if len.is_some_and(|l| l > md.len()) {
+        return Err(Error::Refused(format!(
+            "{} is shorter than the {} bytes recorded for it",
+            src.display(),
+            len.unwrap_or_default()
+        )));
+    }
+    let size = len.unwrap_or(md.len());
+    let compress = ctx.compress.is_some() && compressible(kind);
+    let meta = FileMeta {
+        path: stored_name(name, compress),
+        size: (!compress).then_some(size),
+        mode: md.mode() & 0o7777,
+        mtime: md.mtime(),
+        uid: md.uid(),
+        gid: md.gid(),
+    };
+    if let Some(record) = ctx.sink.lookup(&meta)? {
+        ctx.progress.add(size);
+        return Ok(record);
+    }
+    let resident = crate::sys::resident_pages(&file, size);
+    crate::sys::advise_sequential(&file);
+    let mut out = Writer::new(ctx, ctx.sink.open(&meta)?, compress);
+    let piece = ctx.throttle.as_ref().map_or(CHUNK_SIZE, |t| t.piece());
+    let mut offset = 0;
+    while offset < size {
+        ctx.cancel.check()?;
+        let want = (size - offset).min(piece as u64) as usize;
+        if let Some(t) = &ctx.throttle {
+            t.take(want, &ctx.cancel)?;
+        }
+        let mut buf = ctx.pool.get();
+        let got = read_full(&mut file, &mut buf.space()[..want]).with_path("read", src)?;
+        if got < want {
+            return Err(Error::io(
+                format!("cannot read {}", src.display()),
+                std::io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    format!(
+                        "the file shrank while being read: {size} bytes expected, {} found",
+                        offset + got as u64
+                    ),
+                ),
+            ));
+        }
+        buf.set_len(got);
+        drop_unless_resident(&file, resident.as_deref(), offset, got as u64);
+        offset += got as u64;
+        ctx.progress.add(got as u64);
+        out.push(buf)?;
+    }
+    out.finish(name, kind)
+}
+
+fn store_bytes(name: &str, kind: Kind, bytes: &[u8], ctx: &Ctx) -> Result<FileRecord> {
+    let compress = ctx.compress.is_some() && compressible(kind);
+    let mut meta = FileMeta::generated(&stored_name(name, compress), bytes.len() as u64);
+    if compress {
+        meta.size = None;
+    }
+    let mut out = Writer::new(ctx, ctx.sink.open(&meta)?, compress);
+    for piece in bytes.chunks(CHUNK_SIZE) {
+        let mut buf = ctx.pool.get();
+        buf.space()[..piece.len()].copy_from_slice(piece);
+        buf.set_len(piece.len());
+        ctx.progress.add(piece.len() as u64);
+        out.push(buf)?;
+    }
+    out.finish(name, kind)
+}
+
+fn stored_name(name: &str, compress: bool) -> String {
+    match compress {
+        true => format!("{name}{ZSTD_SUFFIX}"),
+        false => name.to_string(),
+    }
+}
+
+/// Drops the pages of `[offset, offset + len)` that were not cached before the read.
+fn drop_unless_resident(file: &File, resident: Option<&[bool]>, offset: u64, len: u64) {
+    let Some(resident) = resident else { return };
+    let page = crate::sys::page_size();
+    let (first, end) = (offset / page, (offset + len).div_ceil(page));
+    let mut run: Option<u64> = None;
+    for p in first..=end {
+        let cold = p < end && !resident.get(p as usize).copied().unwrap_or(true);
+        match (cold, run) {
+            (true, None) => run = Some(p),
+            (false, Some(start)) => {
+                crate::sys::drop_cache(file, start * page, (p - start) * page);
+                run = None;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Checksums what is read and hands it to the sink, through the compression workers when
+/// compressing (several chunks of the file at once, taken back in order).
+struct Writer<'a> {
+    ctx: &'a Ctx<'a>,
+    file: Box<dyn SinkFile + 'a>,
+    compress: bool,
+    pending: VecDeque<crossbeam_channel::Receiver<Result<Chunk>>>,
+    size: u64,
+    crc: crc32fast::Hasher,
+    stored_size: u64,
+    stored_crc: crc32fast::Hasher,
+}
+
+impl<'a> Writer<'a> {
+    fn new(ctx: &'a Ctx<'a>, file: Box<dyn SinkFile + 'a>, compress: bool) -> Writer<'a> {
+        Writer {
+            ctx,
+            file,
+            compress,
+            pending: VecDeque::new(),
+            size: 0,
+            crc: crc32fast::Hasher::new(),
+            stored_size: 0,
+            stored_crc: crc32fast::Hasher::new(),
+        }
+    }
+
+    fn push(&mut self, data: super::Buf) -> Result<()> {
+        let crc32 = crc32fast::hash(&data);
+        combine_crc(&mut self.crc, crc32, data.len());
+        self.size += data.len() as u64;
+        let chunk = Chunk { data, crc32 };
+        match (self.compress, &self.ctx.compress) {
+            (true, Some(c)) => {
+                let (reply, result) = crossbeam_channel::bounded(1);
+                let job = Job {
+                    output: c.pool.get(),
+                    input: chunk.data,
+                    reply,
+                };
+                c.jobs.send(job).expect("workers outlive readers");
+                self.pending.push_back(result);
+                if self.pending.len() >= c.depth {
+                    self.take_one()?;
+                }
+                Ok(())
+            }
+            _ => self.put(chunk),
+        }
+    }
+
+    fn take_one(&mut self) -> Result<()> {
+        let result = self.pending.pop_front().expect("a chunk is pending");
+        let chunk = result.recv().expect("workers always reply")?;
+        self.put(chunk)
+    }
+
+    fn put(&mut self, chunk: Chunk) -> Result<()> {
+        compress::add_crc(&mut self.stored_crc, &chunk);
+        self.stored_size += chunk.data.len() as u64;
+        self.file.write(chunk)
+    }
+
+    fn finish(mut self, name: &str, kind: Kind) -> Result<FileRecord> {
+        while !self.pending.is_empty() {
+            self.take_one()?;
+        }
+        let Writer {
+            file,
+            compress,
+            size,
+            crc,
+            stored_size,
+            stored_crc,
+            ..
+        } = self;
+        file.finish()?;
+        let original = compress.then(|| Original {
+            path: name.to_string(),
+            size,
+            crc32: crc.clone().finalize(),
+        });
+        Ok(FileRecord {
+            path: stored_name(name, compress),
+            size: stored_size,
+            crc32: stored_crc.finalize(),
+            kind,
+            original,
+        })
+    }
+}

@@ -1,0 +1,51 @@
+//! Where a backup goes. A [`Sink`] receives the files the pipeline reads, each as a
+//! sequence of checksummed [`Chunk`]s, and stores them: as one tar or xbstream stream
+//! ([`stream`]), or as a directory tree ([`dir`]); network and object-store sinks fit the
+//! same interface. A sink says how many files it takes at once, may say that it already
+//! holds a file (the reader then skips it), acknowledges each file once it holds it safely
+//! (only then is a checkpoint's hard link removed), and ends with an explicit commit that
+//! stores the manifest last, or an abort.
+
+pub mod dir;
+pub mod stream;
+
+use crate::error::{Error, Result};
+use crate::format::manifest::FileRecord;
+use crate::format::FileMeta;
+use crate::pipeline::Buf;
+
+/// Bytes of one file, with the CRC-32 of exactly these bytes.
+pub struct Chunk {
+    pub data: Buf,
+    pub crc32: u32,
+}
+
+/// A destination of a backup. Shared by the pipeline's reader threads.
+pub trait Sink: Sync {
+    /// How many files may be written at once. Streams take them in turn: a reader that opens
+    /// a file while another is being written reads ahead, into bounded buffers.
+    fn max_in_flight(&self) -> usize;
+
+    /// The record of a file the sink already holds (same name and size), so that it is not
+    /// read again: an object-store repository holds the SSTs of earlier backups.
+    fn lookup(&self, _meta: &FileMeta) -> Result<Option<FileRecord>> {
+        Ok(None)
+    }
+
+    /// Starts a file. Its chunks follow through the returned handle.
+    fn open(&self, meta: &FileMeta) -> Result<Box<dyn SinkFile + '_>>;
+
+    /// Stores the manifest, last: once this returns, the backup is complete.
+    fn commit(&self, manifest: &[u8]) -> Result<()>;
+
+    /// Gives up: removes what can be removed (a stream cannot be taken back; its reader
+    /// finds no manifest). Returns the sink's own failure, if that is why.
+    fn abort(&self) -> Option<Error>;
+}
+
+/// One file being stored.
+pub trait SinkFile: Send {
+    fn write(&mut self, chunk: Chunk) -> Result<()>;
+    /// Returns once the sink holds the whole file safely.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
