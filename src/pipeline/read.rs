@@ -219,6 +219,10 @@ impl<'a> Writer<'a> {
     }
 
     fn finish(mut self, name: &str, kind: Kind) -> Result<FileRecord> {
+        if self.compress && self.size == 0 {
+            // An empty file still becomes one zstd frame: `.zst` files are never empty.
+            self.push(self.ctx.pool.get())?;
+        }
         while !self.pending.is_empty() {
             self.take_one()?;
         }

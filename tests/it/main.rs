@@ -6,6 +6,7 @@ mod common;
 mod archive_tools;
 mod backup_restore;
 mod bench_smoke;
+mod directory;
 mod extract_safety;
 mod failures;
 mod properties;
