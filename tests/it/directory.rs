@@ -513,3 +513,60 @@ fn the_throttle_holds_the_read_rate() {
         "{bytes} bytes in {secs:.2} s: the throttle did not slow the backup"
     );
 }
+
+/// On a terminal, the backup draws a live bar (bytes, rate, percentage, ETA) and clears it
+/// at the end; checked in a real terminal, a tmux pane on a private tmux server.
+#[test]
+fn the_progress_bar_draws_in_a_real_terminal() {
+    let tmux = require("tmux");
+    let source = Server::start();
+    load_bank(&source, 60_000);
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = format!("myrocks-hotbackup-test-{}", std::process::id());
+    let tmux_cmd = |args: &[&str]| {
+        Command::new(&tmux)
+            .args(["-L", &socket, "-f", "/dev/null"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    struct Kill<'a>(&'a dyn Fn(&[&str]) -> Output);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            (self.0)(&["kill-server"]);
+        }
+    }
+    let _kill = Kill(&tmux_cmd);
+    let script = format!(
+        "'{}' backup --socket '{}' --user root --target-dir '{}' --avg-mbytes-per-sec 8; echo EXIT=$?; sleep 60",
+        bin().display(),
+        source.socket.display(),
+        tmp.path().join("b").display()
+    );
+    let out = tmux_cmd(&["new-session", "-d", "-s", "t", "-x", "150", "-y", "40", &script]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pane = || String::from_utf8_lossy(&tmux_cmd(&["capture-pane", "-p", "-t", "t"]).stdout).into_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut bar = None;
+    let mut screen = String::new();
+    while std::time::Instant::now() < deadline {
+        screen = pane();
+        if let Some(line) = screen.lines().find(|l| l.contains("% ") && l.contains("ETA") && l.contains("MiB/s")) {
+            bar = Some(line.to_string());
+        }
+        if screen.contains("EXIT=") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let bar = bar.unwrap_or_else(|| panic!("no progress bar was drawn:\n{screen}"));
+    assert!(bar.contains('[') && bar.contains(']'), "{bar}");
+    assert!(screen.contains("EXIT=0"), "{screen}");
+    assert!(screen.contains("backup completed OK!"), "{screen}");
+    // The bar is cleared once done: the last lines are the log and the exit status.
+    let before_exit: Vec<&str> = screen.lines().take_while(|l| !l.contains("EXIT=")).collect();
+    assert!(
+        before_exit.iter().all(|l| !l.contains("ETA")),
+        "the bar stays on the screen:\n{screen}"
+    );
+}
