@@ -1,15 +1,20 @@
 //! The benchmark: this tool against the original `myrocks_hotbackup`, `mariabackup` and the
-//! hardware limit (`cat` of the same files through the same pipe), on the same data, in one
-//! run. Run it with `bench/run`; see `bench/README.md`.
+//! limits (zero-copy `sendfile` of the same files into the same pipe, `cat`, `cp -r`), on the
+//! same data, in one run. Run it with `bench/run`; see `bench/README.md`.
 //!
 //! For each data set it starts a sandbox server, loads the data, then times every case in
 //! turn (alternating, `--runs` times each) while a probe commits single rows, and reports
 //! medians and spreads of wall time, CPU time, peak memory, throughput, the ratio to the
-//! limit and the longest commit. Cases are grouped by mode (stream backups, extraction);
-//! later modes (directory backups against `cp -r`, network, object storage) add a group.
+//! limit and the longest commit. Cases are grouped by mode: stream backups, extraction,
+//! directory backups, verify, compression, restore; then the throttle's accuracy, the page
+//! cache left to the server, and the commit stall against the number of SSTs.
+//!
+//! `bench --sendfile` is the zero-copy limit itself: it sends the NUL-separated files named
+//! on stdin to stdout with `sendfile`, through a pipe enlarged to 1 MiB.
 
 use std::fmt::Write as _;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -60,6 +65,8 @@ struct Sample {
     cpu: f64,
     peak_mib: f64,
     longest_commit_ms: f64,
+    /// CPU seconds of our backup process alone, from its `--report`.
+    own_cpu: Option<f64>,
 }
 
 /// Runs `script` with bash and returns wall time, CPU time and peak RSS of the whole
@@ -88,6 +95,7 @@ fn measure(script: &str, env_path: &str) -> Sample {
         cpu: secs(usage.ru_utime) + secs(usage.ru_stime),
         peak_mib: usage.ru_maxrss as f64 / 1024.0,
         longest_commit_ms: 0.0,
+        own_cpu: None,
     }
 }
 
@@ -97,10 +105,41 @@ struct Case {
     script: String,
     /// Cleans up after a run (not timed).
     after: Option<String>,
+    /// The `--report` file our backup writes, read for its own CPU time.
+    report: Option<PathBuf>,
+}
+
+impl Case {
+    fn new(name: &'static str, script: String) -> Case {
+        Case {
+            name,
+            script,
+            after: None,
+            report: None,
+        }
+    }
+
+    fn then(mut self, after: String) -> Case {
+        self.after = Some(after);
+        self
+    }
+
+    /// Our backup, with `--report` into `work`.
+    fn ours(name: &'static str, script: &str, work: &Path) -> Case {
+        let report = work.join(format!("report-{}.json", name.replace([' ', '/'], "_")));
+        Case {
+            name,
+            script: script.replace("{REPORT}", &format!("--report {}", report.display())),
+            after: None,
+            report: Some(report),
+        }
+    }
 }
 
 struct DataSet {
     name: &'static str,
+    /// The database holding its tables.
+    db: &'static str,
     server: Server,
     bytes: u64,
     description: String,
@@ -115,6 +154,7 @@ fn large_files(scale: f64) -> DataSet {
     finish_dataset(
         server,
         "large files",
+        "large",
         format!("{tables} tables, one SST each"),
     )
 }
@@ -128,6 +168,7 @@ fn many_files(scale: f64) -> DataSet {
     finish_dataset(
         server,
         "many files",
+        "many",
         format!("{tables} tables, one SST each"),
     )
 }
@@ -152,7 +193,7 @@ fn bulk_load(server: &Server, db: &str, tables: u64, rows: u64) {
     }
 }
 
-fn finish_dataset(server: Server, name: &'static str, what: String) -> DataSet {
+fn finish_dataset(server: Server, name: &'static str, db: &'static str, what: String) -> DataSet {
     server.exec("SET GLOBAL rocksdb_force_flush_memtable_now = 1");
     let rocks = server.datadir.join("#rocksdb");
     let mut ssts = 0;
@@ -170,6 +211,7 @@ fn finish_dataset(server: Server, name: &'static str, what: String) -> DataSet {
     );
     DataSet {
         name,
+        db,
         server,
         bytes,
         description,
@@ -177,14 +219,52 @@ fn finish_dataset(server: Server, name: &'static str, what: String) -> DataSet {
 }
 
 /// Lists, when it runs, the files a backup reads (RocksDB's, and the databases' table
-/// files) and cats them; a file compacted away between listing and reading is skipped.
-fn cat_script(server: &Server) -> String {
+/// files), NUL-separated; a file compacted away between listing and reading is skipped.
+fn list_script(server: &Server) -> String {
     let d = server.datadir.display();
     format!(
-        "{{ find {d} -mindepth 2 -maxdepth 2 -type f \\( -path '*/#rocksdb/*' ! -name 'LOG*' ! -name LOCK \
-         -o -name '*.frm' -o -name '*.opt' -o -name '*.MAD' -o -name '*.MAI' \\) -print0 \
-         | xargs -0 cat -- 2>/dev/null; true; }} | cat > /dev/null"
+        "find {d} -mindepth 2 -maxdepth 2 -type f \\( -path '*/#rocksdb/*' ! -name 'LOG*' ! -name LOCK \
+         -o -name '*.frm' -o -name '*.opt' -o -name '*.MAD' -o -name '*.MAI' \\) -print0"
     )
+}
+
+/// `cat` of the files a backup reads, through a pipe.
+fn cat_script(server: &Server) -> String {
+    format!(
+        "{{ {} | xargs -0 cat -- 2>/dev/null; true; }} | cat > /dev/null",
+        list_script(server)
+    )
+}
+
+/// The zero-copy limit: `sendfile` of the same files into a 1 MiB pipe, read by `cat`.
+fn sendfile_script(server: &Server) -> String {
+    let me = std::env::current_exe().unwrap();
+    format!(
+        "{} | {} --sendfile | cat > /dev/null",
+        list_script(server),
+        me.display()
+    )
+}
+
+/// `bench --sendfile`: every NUL-separated file named on stdin, to stdout by `sendfile`.
+fn sendfile_files() {
+    use std::io::Read;
+    use std::os::unix::io::AsRawFd;
+    let mut names = Vec::new();
+    std::io::stdin().read_to_end(&mut names).unwrap();
+    unsafe { libc::fcntl(1, libc::F_SETPIPE_SZ, 1 << 20) };
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let path = Path::new(std::ffi::OsStr::from_bytes(name));
+        let Ok(f) = fs::File::open(path) else {
+            continue;
+        };
+        let mut left = f.metadata().unwrap().len() as usize;
+        while left > 0 {
+            let n = unsafe { libc::sendfile(1, f.as_raw_fd(), std::ptr::null_mut(), left) };
+            assert!(n > 0, "sendfile: {}", std::io::Error::last_os_error());
+            left -= n as usize;
+        }
+    }
 }
 
 fn backup_cases(server: &Server, tool: &Path, work: &Path) -> Vec<Case> {
@@ -194,77 +274,165 @@ fn backup_cases(server: &Server, tool: &Path, work: &Path) -> Vec<Case> {
     let mb_target = work.join("mariabackup-tmp");
     let tool = tool.display();
     let original = "/usr/bin/myrocks_hotbackup";
+    let ours = |format: &str| {
+        format!("{tool} backup --stream {format} --socket {sock} --user root {{REPORT}} 2>/dev/null | cat > /dev/null")
+    };
+    let original_case = |format: &str| {
+        format!(
+            "cd {} && {original} --user=root --socket={sock} --stream={format} --checkpoint_dir={} 2>/dev/null | cat > /dev/null",
+            work.display(),
+            ckpt.display()
+        )
+    };
     vec![
-        Case {
-            name: "limit: cat",
-            script: cat_script(server),
-            after: None,
-        },
-        Case {
-            name: "myrocks-hotbackup xbstream",
-            script: format!("{tool} backup --stream xbstream --socket {sock} --user root 2>/dev/null | cat > /dev/null"),
-            after: None,
-        },
-        Case {
-            name: "myrocks-hotbackup tar",
-            script: format!("{tool} backup --stream tar --socket {sock} --user root 2>/dev/null | cat > /dev/null"),
-            after: None,
-        },
-        Case {
-            name: "original xbstream",
-            script: format!(
-                "cd {} && {original} --user=root --socket={sock} --stream=xbstream --checkpoint_dir={} 2>/dev/null | cat > /dev/null",
-                work.display(),
-                ckpt.display()
-            ),
-            after: None,
-        },
-        Case {
-            name: "original tar",
-            script: format!(
-                "cd {} && {original} --user=root --socket={sock} --stream=tar --checkpoint_dir={} 2>/dev/null | cat > /dev/null",
-                work.display(),
-                ckpt.display()
-            ),
-            after: None,
-        },
-        Case {
-            name: "mariabackup xbstream",
-            script: format!(
+        Case::new("limit: sendfile", sendfile_script(server)),
+        Case::new("cat, 64 KiB pipes", cat_script(server)),
+        Case::ours("myrocks-hotbackup xbstream", &ours("xbstream"), work),
+        Case::ours("myrocks-hotbackup tar", &ours("tar"), work),
+        Case::new("original xbstream", original_case("xbstream")),
+        Case::new("original tar", original_case("tar")),
+        Case::new(
+            "mariabackup xbstream",
+            format!(
                 "mkdir -p {t} && mariabackup --backup --stream=xbstream --user=root --socket={sock} --target-dir={t} 2>/dev/null | cat > /dev/null",
                 t = mb_target.display()
             ),
-            after: Some(format!("rm -rf {}", mb_target.display())),
-        },
+        )
+        .then(format!("rm -rf {}", mb_target.display())),
     ]
 }
 
 fn extract_cases(tool: &Path, work: &Path, xb: &Path, tar: &Path) -> Vec<Case> {
     let out = work.join("extracted");
     let (tool, out_d, xb, tar) = (tool.display(), out.display(), xb.display(), tar.display());
-    let clean = Some(format!("rm -rf {out_d}"));
+    let clean = format!("rm -rf {out_d}");
     // Every case ends with sync: ours syncs before it reports success, the others do not.
     vec![
-        Case {
-            name: "myrocks-hotbackup extract (xbstream)",
-            script: format!("{tool} extract -C {out_d} {xb} 2>/dev/null && sync"),
-            after: clean.clone(),
-        },
-        Case {
-            name: "mbstream -x",
-            script: format!("mkdir -p {out_d} && mbstream -x -C {out_d} < {xb} && sync"),
-            after: clean.clone(),
-        },
-        Case {
-            name: "myrocks-hotbackup extract (tar)",
-            script: format!("{tool} extract -C {out_d} {tar} 2>/dev/null && sync"),
-            after: clean.clone(),
-        },
-        Case {
-            name: "tar -x",
-            script: format!("mkdir -p {out_d} && tar -xf {tar} -C {out_d} && sync"),
-            after: clean,
-        },
+        Case::new(
+            "myrocks-hotbackup extract (xbstream)",
+            format!("{tool} extract -C {out_d} {xb} 2>/dev/null && sync"),
+        )
+        .then(clean.clone()),
+        Case::new(
+            "mbstream -x",
+            format!("mkdir -p {out_d} && mbstream -x -C {out_d} < {xb} && sync"),
+        )
+        .then(clean.clone()),
+        Case::new(
+            "myrocks-hotbackup extract (tar)",
+            format!("{tool} extract -C {out_d} {tar} 2>/dev/null && sync"),
+        )
+        .then(clean.clone()),
+        Case::new(
+            "tar -x",
+            format!("mkdir -p {out_d} && tar -xf {tar} -C {out_d} && sync"),
+        )
+        .then(clean),
+    ]
+}
+
+/// Directory backups: ours against `cp -r` of the same directories and mariabackup.
+/// Every case ends with its files on disk (ours syncs each file; the others are followed
+/// by `sync`).
+fn directory_cases(server: &Server, db: &str, tool: &Path, work: &Path) -> Vec<Case> {
+    let sock = server.socket.display();
+    let d = server.datadir.display();
+    let out = work.join("dir-out");
+    let o = out.display();
+    let tool = tool.display();
+    let clean = format!("rm -rf {o}");
+    vec![
+        Case::new(
+            "limit: cp -r",
+            format!("mkdir {o} && cp -r '{d}/#rocksdb' {d}/{db} {d}/mysql {o}/ && sync"),
+        )
+        .then(clean.clone()),
+        Case::ours(
+            "myrocks-hotbackup --target-dir",
+            &format!("{tool} backup --target-dir {o} --socket {sock} --user root {{REPORT}} 2>/dev/null"),
+            work,
+        )
+        .then(clean.clone()),
+        Case::new(
+            "mariabackup --target-dir",
+            format!("mariabackup --backup --target-dir={o} --user=root --socket={sock} 2>/dev/null && sync"),
+        )
+        .then(clean),
+    ]
+}
+
+/// Compression into a directory, on one core and on all of them.
+fn compression_cases(server: &Server, tool: &Path, work: &Path) -> Vec<Case> {
+    let sock = server.socket.display();
+    let out = work.join("zst-out");
+    let o = out.display();
+    let tool = tool.display();
+    let clean = format!("rm -rf {o}");
+    let case = |name, args: &str| {
+        Case::ours(
+            name,
+            &format!("{tool} backup --target-dir {o} {args} --socket {sock} --user root {{REPORT}} 2>/dev/null"),
+            work,
+        )
+        .then(clean.clone())
+    };
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let all = format!("--compress --compress-threads {cpus}");
+    vec![
+        case("no compression", ""),
+        case("zstd:3, 1 thread", "--compress --compress-threads 1"),
+        case("zstd:3, all cores", &all),
+        case(
+            "zstd:1, all cores",
+            &all.replace("--compress ", "--compress=zstd:1 "),
+        ),
+    ]
+}
+
+/// `verify` of a directory backup against reading its files with `cat`.
+fn verify_cases(tool: &Path, dir: &Path) -> Vec<Case> {
+    let d = dir.display();
+    vec![
+        Case::new(
+            "limit: cat of the backup's files",
+            format!("find {d} -type f -print0 | xargs -0 cat > /dev/null"),
+        ),
+        Case::new(
+            "myrocks-hotbackup verify",
+            format!("{} verify {d} 2>/dev/null", tool.display()),
+        ),
+    ]
+}
+
+/// Restores: our copy-back of a directory backup against `cp -r` of it and mariabackup's
+/// copy-back of its own (prepared) backup.
+fn restore_cases(tool: &Path, ours: &Path, mb: &Path, work: &Path) -> Vec<Case> {
+    let target = work.join("restored");
+    let t = target.display();
+    let clean = format!("rm -rf {t}");
+    vec![
+        Case::new(
+            "limit: cp -r",
+            format!("cp -r {} {t} && sync", ours.display()),
+        )
+        .then(clean.clone()),
+        Case::new(
+            "myrocks-hotbackup copy-back",
+            format!(
+                "{} copy-back --backup-dir {} --datadir {t} 2>/dev/null",
+                tool.display(),
+                ours.display()
+            ),
+        )
+        .then(clean.clone()),
+        Case::new(
+            "mariabackup --copy-back",
+            format!(
+                "mariabackup --copy-back --target-dir={} --datadir={t} 2>/dev/null && sync",
+                mb.display()
+            ),
+        )
+        .then(clean),
     ]
 }
 
@@ -279,6 +447,11 @@ fn run_cases(cases: &[Case], runs: usize, server: Option<&Server>, path: &str) -
             let mut s = measure(&case.script, path);
             if let Some(p) = probe {
                 s.longest_commit_ms = p.stop().as_secs_f64() * 1e3;
+            }
+            if let Some(report) = &case.report {
+                let r: serde_json::Value =
+                    serde_json::from_slice(&fs::read(report).unwrap()).unwrap();
+                s.own_cpu = r["cpu_secs"].as_f64();
             }
             if let Some(after) = &case.after {
                 measure(after, path);
@@ -316,12 +489,13 @@ fn table(
 ) -> String {
     let wall = |i: usize| median(samples[i].iter().map(|s| s.wall).collect());
     let limit_i = cases.iter().position(|c| c.name == limit).unwrap();
-    let mut t =
-        format!("| tool | wall s (median) | spread | CPU s | peak MiB | MiB/s | × {limit} |");
+    let mut t = format!(
+        "| tool | wall s (median) | spread | CPU s | peak MiB | MiB/s | × {limit} | our process: CPU s/GiB |"
+    );
     t.push_str(if with_commits {
-        " longest commit ms |\n|---|---|---|---|---|---|---|---|\n"
+        " longest commit ms |\n|---|---|---|---|---|---|---|---|---|\n"
     } else {
-        "\n|---|---|---|---|---|---|---|\n"
+        "\n|---|---|---|---|---|---|---|---|\n"
     });
     for (i, case) in cases.iter().enumerate() {
         let s = &samples[i];
@@ -337,6 +511,17 @@ fn table(
             bytes as f64 / (1 << 20) as f64 / wall(i),
             wall(i) / wall(limit_i),
         );
+        let own: Vec<f64> = s.iter().filter_map(|x| x.own_cpu).collect();
+        match own.is_empty() {
+            true => t.push_str(" – |"),
+            false => {
+                let _ = write!(
+                    t,
+                    " {:.3} |",
+                    median(own) / (bytes as f64 / (1u64 << 30) as f64)
+                );
+            }
+        }
         if with_commits {
             let _ = write!(
                 t,
@@ -545,7 +730,192 @@ fn stall_logged(log: &str) -> f64 {
     after.split(' ').next().unwrap().parse().unwrap()
 }
 
+/// The server's data files: RocksDB's and the data set's tables.
+fn server_files(ds: &DataSet) -> Vec<PathBuf> {
+    [
+        ds.server.datadir.join("#rocksdb"),
+        ds.server.datadir.join(ds.db),
+    ]
+    .iter()
+    .flat_map(|d| fs::read_dir(d).unwrap().map(|e| e.unwrap().path()))
+    .filter(|p| p.is_file())
+    .collect()
+}
+
+/// Percentage of the pages of `files` in the page cache.
+fn residency(files: &[PathBuf]) -> f64 {
+    let (mut resident, mut total) = (0usize, 0usize);
+    for path in files {
+        let Ok(f) = fs::File::open(path) else {
+            continue;
+        };
+        let len = f.metadata().unwrap().len();
+        if let Some(pages) = myrocks_hotbackup::sys::resident_pages(&f, len) {
+            resident += pages.iter().filter(|&&r| r).count();
+            total += pages.len();
+        }
+    }
+    resident as f64 * 100.0 / total.max(1) as f64
+}
+
+fn evict(files: &[PathBuf]) {
+    for path in files {
+        if let Ok(f) = fs::File::open(path) {
+            myrocks_hotbackup::sys::drop_cache(&f, 0, 0);
+        }
+    }
+}
+
+/// How much of the server's files each tool leaves in the page cache, from a cold cache
+/// (none of it cached) and from a hot one (all of it cached).
+fn page_cache_section(ds: &DataSet, tool: &Path, work: &Path, path: &str) -> String {
+    let files = server_files(ds);
+    let sock = ds.server.socket.display();
+    let out = work.join("cache-out");
+    let o = out.display();
+    let cases = [
+        (
+            "myrocks-hotbackup, directory",
+            format!(
+                "{} backup --target-dir {o} --socket {sock} --user root 2>/dev/null",
+                tool.display()
+            ),
+        ),
+        (
+            "myrocks-hotbackup, xbstream",
+            format!(
+                "{} backup --stream xbstream --socket {sock} --user root 2>/dev/null > /dev/null",
+                tool.display()
+            ),
+        ),
+        (
+            "mariabackup, directory",
+            format!(
+                "mariabackup --backup --target-dir={o} --user=root --socket={sock} 2>/dev/null"
+            ),
+        ),
+        (
+            "cp -r",
+            format!(
+                "mkdir {o} && cp -r '{}/#rocksdb' {o}/",
+                ds.server.datadir.display()
+            ),
+        ),
+    ];
+    let mut t = String::from(
+        "\n### Page cache of the server's files\n\n\
+         Share of the pages of the server's data files (RocksDB's and the tables') in the page cache after \
+         each tool ran: from a cold cache (the files evicted first) and from a hot one (all read first). \
+         A light touch leaves the cold cache cold and the hot cache hot.\n\n\
+         | tool | cold: cached after | hot: cached after |\n|---|---|---|\n",
+    );
+    for (name, script) in &cases {
+        evict(&files);
+        let before_cold = residency(&files);
+        measure(script, path);
+        let cold = residency(&files);
+        measure(&format!("rm -rf {o}"), path);
+        measure(
+            &format!(
+                "cat '{}'/#rocksdb/* > /dev/null",
+                ds.server.datadir.display()
+            ),
+            path,
+        );
+        let before_hot = residency(&files);
+        measure(script, path);
+        let hot = residency(&files);
+        measure(&format!("rm -rf {o}"), path);
+        eprintln!("  page cache {name}: cold {before_cold:.0}% -> {cold:.0}%, hot {before_hot:.0}% -> {hot:.0}%");
+        let _ = writeln!(
+            t,
+            "| {name} | {cold:.1}% (from {before_cold:.1}%) | {hot:.1}% (from {before_hot:.1}%) |"
+        );
+    }
+    t
+}
+
+/// The throttle's accuracy: a directory backup capped so that it takes about 25 s; the
+/// bytes the process read (`rchar`) are sampled every 250 ms, and the highest rate over any
+/// 10-second window is compared with the cap.
+fn throttle_section(ds: &DataSet, tool: &Path, work: &Path) -> String {
+    let cap_mib = ((ds.bytes >> 20) / 25).max(1);
+    let out = work.join("throttle-out");
+    let mut child = Command::new(tool)
+        .args([
+            "backup",
+            "--user",
+            "root",
+            "--avg-mbytes-per-sec",
+            &cap_mib.to_string(),
+            "--socket",
+        ])
+        .arg(&ds.server.socket)
+        .arg("--target-dir")
+        .arg(&out)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let io = format!("/proc/{}/io", child.id());
+    let start = Instant::now();
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    while child.try_wait().unwrap().is_none() {
+        if let Ok(text) = fs::read_to_string(&io) {
+            let rchar = text
+                .lines()
+                .find_map(|l| l.strip_prefix("rchar: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            samples.push((start.elapsed().as_secs_f64(), rchar));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    fs::remove_dir_all(&out).unwrap();
+    let cap = (cap_mib << 20) as f64;
+    let mut worst: f64 = 0.0;
+    for (i, &(t0, b0)) in samples.iter().enumerate() {
+        if let Some(&(t1, b1)) = samples[i..].iter().find(|(t, _)| *t >= t0 + 10.0) {
+            worst = worst.max((b1 - b0) as f64 / (t1 - t0));
+        }
+    }
+    let total = samples.last().map_or(0, |s| s.1) as f64;
+    format!(
+        "\n### Throttle accuracy\n\n`--avg-mbytes-per-sec {cap_mib}`: {:.2} GiB read in {secs:.1} s, {:.1} MiB/s on average \
+         ({:+.1}% against the cap); the fastest 10-second window ran at {:.1} MiB/s ({:+.1}%).\n",
+        total / (1u64 << 30) as f64,
+        total / secs / (1 << 20) as f64,
+        (total / secs / cap - 1.0) * 100.0,
+        worst / (1 << 20) as f64,
+        (worst / cap - 1.0) * 100.0,
+    )
+}
+
+/// Compression ratios by kind, from the report of a compressed backup.
+fn ratios(report: &Path) -> String {
+    let r: serde_json::Value = serde_json::from_slice(&fs::read(report).unwrap()).unwrap();
+    let kinds = r["kinds"].as_object().unwrap();
+    let parts: Vec<String> = kinds
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{k} {:.2} ({:.1} MiB)",
+                v["compression_ratio"].as_f64().unwrap_or(1.0),
+                v["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
+            )
+        })
+        .collect();
+    format!(
+        "Compression ratio (zstd:3) {:.2} overall; by kind: {}.\n",
+        r["compression_ratio"].as_f64().unwrap_or(1.0),
+        parts.join(", ")
+    )
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--sendfile") {
+        return sendfile_files();
+    }
     let opts = options();
     let tool = built_binary("myrocks-hotbackup");
     let work = tempfile::Builder::new()
@@ -564,8 +934,12 @@ fn main() {
 
     let mut report = format!(
         "# Benchmarks\n\nProduced by `bench/run` (scale {}, {} runs per case, cases alternating; medians, \
-         spread = min–max). Stream backups go through a pipe into `cat > /dev/null`; the limit is `cat` of the same \
-         files through the same pipe. Extraction runs end with `sync` (ours syncs before it reports success). \
+         spread = min–max). Stream backups go through a pipe into `cat > /dev/null`; their limit is zero-copy: \
+         `sendfile` of the same files into a pipe enlarged to 1 MiB, read by `cat > /dev/null` (\"cat, 64 KiB \
+         pipes\" copies them through default pipes). Directory backups, extraction and restores end with their files on \
+         disk (ours syncs each file; the others are followed by `sync`); their limit is `cp -r` of the same files. \
+         \"our process: CPU s/GiB\" is the CPU time of the backup process alone (from its `--report`), per GiB \
+         of data: what a busy database host pays. \
          \"longest commit\" is the slowest of single-row commits made every 2 ms during the run.\n\n\
          Machine: {}. Server: {}.\n",
         opts.scale,
@@ -590,7 +964,7 @@ fn main() {
             "\n## {}: {}\n\n### Stream backup\n\n",
             ds.name, ds.description
         );
-        report.push_str(&table(&cases, &samples, ds.bytes, "limit: cat", true));
+        report.push_str(&table(&cases, &samples, ds.bytes, "limit: sendfile", true));
 
         let (xb, tar) = (dir.join("stream.xb"), dir.join("stream.tar"));
         let sock = ds.server.socket.display();
@@ -616,6 +990,57 @@ fn main() {
         report.push_str(&table(&cases, &samples, ds.bytes, "mbstream -x", false));
         fs::remove_file(&xb).unwrap();
         fs::remove_file(&tar).unwrap();
+
+        let cases = directory_cases(&ds.server, ds.db, &tool, &dir);
+        let samples = run_cases(&cases, opts.runs, Some(&ds.server), &path);
+        report.push_str("\n### Directory backup\n\n");
+        report.push_str(&table(&cases, &samples, ds.bytes, "limit: cp -r", true));
+
+        let cases = compression_cases(&ds.server, &tool, &dir);
+        let samples = run_cases(&cases, opts.runs, None, &path);
+        report.push_str("\n### Compression (directory backup)\n\n");
+        report.push_str(&table(&cases, &samples, ds.bytes, "no compression", false));
+        report.push('\n');
+        report.push_str(&ratios(cases[2].report.as_ref().unwrap()));
+
+        let (ours_dir, mb_dir) = (dir.join("ours-dir"), dir.join("mb-dir"));
+        measure(
+            &format!(
+                "{} backup --target-dir {} --socket {sock} --user root 2>/dev/null",
+                tool.display(),
+                ours_dir.display()
+            ),
+            &path,
+        );
+        measure(
+            &format!(
+                "mariabackup --backup --target-dir={m} --user=root --socket={sock} 2>/dev/null && \
+                 mariabackup --prepare --target-dir={m} 2>/dev/null",
+                m = mb_dir.display()
+            ),
+            &path,
+        );
+        let cases = verify_cases(&tool, &ours_dir);
+        let samples = run_cases(&cases, opts.runs, None, &path);
+        report.push_str("\n### Verify\n\n");
+        report.push_str(&table(
+            &cases,
+            &samples,
+            ds.bytes,
+            "limit: cat of the backup's files",
+            false,
+        ));
+        let cases = restore_cases(&tool, &ours_dir, &mb_dir, &dir);
+        let samples = run_cases(&cases, opts.runs, None, &path);
+        report.push_str("\n### Restore\n\n");
+        report.push_str(&table(&cases, &samples, ds.bytes, "limit: cp -r", false));
+        measure(
+            &format!("rm -rf {} {}", ours_dir.display(), mb_dir.display()),
+            &path,
+        );
+
+        report.push_str(&throttle_section(&ds, &tool, &dir));
+        report.push_str(&page_cache_section(&ds, &tool, &dir, &path));
     }
     report.push_str(&stall_section(&opts, &tool, work.path(), &path));
     if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {

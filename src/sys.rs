@@ -59,6 +59,17 @@ pub fn ids() -> (u32, u32) {
     unsafe { (libc::geteuid(), libc::getegid()) }
 }
 
+/// CPU seconds (user and system) this process has used so far, and its peak memory in bytes.
+pub fn own_usage() -> (f64, u64) {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (
+        secs(usage.ru_utime) + secs(usage.ru_stime),
+        usage.ru_maxrss as u64 * 1024,
+    )
+}
+
 /// Tells the kernel a file will be read from start to end (more read-ahead). Only a hint.
 pub fn advise_sequential(file: &File) {
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
@@ -130,6 +141,89 @@ pub fn wait_writeback(file: &File, offset: u64, len: u64) {
         | libc::SYNC_FILE_RANGE_WRITE
         | libc::SYNC_FILE_RANGE_WAIT_AFTER;
     unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, wait) };
+}
+
+/// Maps the first `len` bytes of a file nobody will change (an SST: RocksDB writes each
+/// once, and the backup holds a hard link to it, so it is never truncated under us).
+pub fn map_immutable(file: &File, len: u64) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: the mapping is read-only, and the file is immutable while mapped: a change
+    // would show in the bytes read (and their checksum), a truncation would raise SIGBUS.
+    let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(file)? };
+    let _ = map.advise(memmap2::Advice::Sequential);
+    Ok(map)
+}
+
+/// Hands pages to a pipe by reference (`vmsplice`), without copying them. The pages must
+/// not change until the reader of the pipe has read them: pages of an immutable file.
+pub fn vmsplice_all(pipe: &File, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        // SAFETY: the iovec describes live memory for the length of the call.
+        let n = unsafe { libc::vmsplice(pipe.as_raw_fd(), &iov, 1, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        bytes = &bytes[n as usize..];
+    }
+    Ok(())
+}
+
+/// True when `file` is a pipe.
+pub fn is_pipe(file: &File) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    file.metadata().is_ok_and(|m| m.file_type().is_fifo())
+}
+
+/// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` inside the kernel
+/// (`copy_file_range`: a reflink where the filesystem shares blocks). `Ok(false)` when the
+/// kernel cannot do it for these files (the caller then writes the bytes itself).
+pub fn copy_range(
+    src: &File,
+    src_offset: u64,
+    dst: &File,
+    dst_offset: u64,
+    len: u64,
+) -> std::io::Result<bool> {
+    let (mut off_in, mut off_out) = (src_offset as i64, dst_offset as i64);
+    let mut left = len as usize;
+    while left > 0 {
+        // SAFETY: plain descriptors and offsets owned by this call.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                left,
+                0,
+            )
+        };
+        match n {
+            n if n > 0 => left -= n as usize,
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                let unsupported = matches!(
+                    e.raw_os_error(),
+                    Some(
+                        libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EBADF
+                    )
+                );
+                return match (unsupported, left == len as usize) {
+                    (true, true) => Ok(false),
+                    _ => Err(e),
+                };
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Raises the kernel buffer of a pipe to `size` bytes. Fails harmlessly on anything but a

@@ -28,6 +28,9 @@ struct Report<'a> {
     destination: String,
     duration_secs: f64,
     bytes_per_sec: f64,
+    /// CPU seconds (user and system) of the backup process.
+    cpu_secs: f64,
+    peak_memory_bytes: u64,
 }
 
 pub fn run(args: BackupArgs) -> Result<()> {
@@ -107,7 +110,10 @@ pub fn run(args: BackupArgs) -> Result<()> {
         );
     }
     if let Some(path) = &args.report {
+        let (cpu_secs, peak_memory_bytes) = crate::sys::own_usage();
         let report = Report {
+            cpu_secs,
+            peak_memory_bytes,
             summary: &summary,
             destination: args
                 .target_dir

@@ -71,12 +71,34 @@ impl FileMeta {
     }
 }
 
+/// Where an encoder writes: any `Write`, or a pipe that takes the pages of immutable files
+/// by reference instead of copying them (see `cmd::stdio`).
+pub trait Output: Send {
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    /// Bytes that are pages of a file nobody will change (an SST, mapped into memory).
+    fn put_pages(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.put(bytes)
+    }
+    fn flush(&mut self) -> std::io::Result<()>;
+}
+
+impl<W: std::io::Write + Send> Output for W {
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_all(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::Write::flush(self)
+    }
+}
+
 /// A stream format's writer. Calls come in the order `begin_file`, any number of
 /// `write_chunk`, `end_file`, for each file in turn, then `finish` once.
 pub trait Encoder: Send {
     fn begin_file(&mut self, meta: &FileMeta) -> Result<()>;
-    /// `crc32` is the zlib CRC-32 of `data`, already computed by the caller.
-    fn write_chunk(&mut self, data: &[u8], crc32: u32) -> Result<()>;
+    /// `crc32` is the zlib CRC-32 of `data`, already computed by the caller. `pages`: the
+    /// bytes are pages of an immutable file, which the output may take by reference.
+    fn write_chunk(&mut self, data: &[u8], crc32: u32, pages: bool) -> Result<()>;
     fn end_file(&mut self) -> Result<()>;
     /// Writes the trailer and flushes. Nothing is valid before it returns.
     fn finish(&mut self) -> Result<()>;

@@ -4,9 +4,9 @@
 //! header is detected, and it reads archives glued together (the original tool wrote one
 //! archive per file) by skipping zero blocks between them, as `tar -i` does.
 
-use std::io::{Read, Write};
+use std::io::Read;
 
-use super::{read_full, Encoder, FileMeta, CHUNK_SIZE};
+use super::{read_full, Encoder, FileMeta, Output, CHUNK_SIZE};
 use super::{Attrs, Unpack};
 use crate::error::{Error, IoContext, Result};
 
@@ -18,13 +18,13 @@ const POSIX_MAGIC: &[u8; 6] = b"ustar\0";
 const MAX_META_LEN: u64 = 1 << 20;
 
 /// Writes one tar archive to `out`.
-pub struct TarWriter<W: Write> {
+pub struct TarWriter<W: Output> {
     out: W,
     expected: u64,
     written: u64,
 }
 
-impl<W: Write> TarWriter<W> {
+impl<W: Output> TarWriter<W> {
     pub fn new(out: W) -> TarWriter<W> {
         TarWriter {
             out,
@@ -35,12 +35,12 @@ impl<W: Write> TarWriter<W> {
 
     fn put(&mut self, bytes: &[u8]) -> Result<()> {
         self.out
-            .write_all(bytes)
+            .put(bytes)
             .context(|| "cannot write the tar stream".into())
     }
 }
 
-impl<W: Write + Send> Encoder for TarWriter<W> {
+impl<W: Output> Encoder for TarWriter<W> {
     fn begin_file(&mut self, meta: &FileMeta) -> Result<()> {
         let Some(size) = meta.size else {
             return Err(Error::Usage(format!(
@@ -74,10 +74,16 @@ impl<W: Write + Send> Encoder for TarWriter<W> {
         Ok(())
     }
 
-    fn write_chunk(&mut self, data: &[u8], _crc32: u32) -> Result<()> {
+    fn write_chunk(&mut self, data: &[u8], _crc32: u32, pages: bool) -> Result<()> {
         self.written += data.len() as u64;
         debug_assert!(self.written <= self.expected);
-        self.put(data)
+        match pages {
+            true => self
+                .out
+                .put_pages(data)
+                .context(|| "cannot write the tar stream".into()),
+            false => self.put(data),
+        }
     }
 
     fn end_file(&mut self) -> Result<()> {

@@ -7,10 +7,10 @@
 //! from 0, and that every started file is ended.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Read;
 
 use super::Unpack;
-use super::{combine_crc, read_full, Encoder, FileMeta, CHUNK_SIZE};
+use super::{combine_crc, read_full, Encoder, FileMeta, Output, CHUNK_SIZE};
 use crate::error::{Error, IoContext, Result};
 
 pub const MAGIC: &[u8; 8] = b"XBSTCK01";
@@ -24,7 +24,7 @@ const MAX_WRITE_PAYLOAD: usize = 10 << 20;
 const MAX_READ_PAYLOAD: u64 = 64 << 20;
 
 /// Writes an xbstream stream to `out`.
-pub struct XbstreamWriter<W: Write> {
+pub struct XbstreamWriter<W: Output> {
     out: W,
     path: Vec<u8>,
     offset: u64,
@@ -35,7 +35,7 @@ pub struct XbstreamWriter<W: Write> {
     head: Vec<u8>,
 }
 
-impl<W: Write> XbstreamWriter<W> {
+impl<W: Output> XbstreamWriter<W> {
     pub fn new(out: W) -> XbstreamWriter<W> {
         XbstreamWriter {
             out,
@@ -58,7 +58,7 @@ impl<W: Write> XbstreamWriter<W> {
     }
 
     fn put(out: &mut W, bytes: &[u8]) -> Result<()> {
-        out.write_all(bytes)
+        out.put(bytes)
             .context(|| "cannot write the xbstream stream".into())
     }
 
@@ -97,7 +97,7 @@ impl<W: Write> XbstreamWriter<W> {
     }
 }
 
-impl<W: Write + Send> Encoder for XbstreamWriter<W> {
+impl<W: Output> Encoder for XbstreamWriter<W> {
     fn begin_file(&mut self, meta: &FileMeta) -> Result<()> {
         self.check_path(&meta.path)?;
         if let Some((parent, _)) = meta.path.rsplit_once('/') {
@@ -109,7 +109,7 @@ impl<W: Write + Send> Encoder for XbstreamWriter<W> {
         Ok(())
     }
 
-    fn write_chunk(&mut self, data: &[u8], crc32: u32) -> Result<()> {
+    fn write_chunk(&mut self, data: &[u8], crc32: u32, pages: bool) -> Result<()> {
         assert!(data.len() <= MAX_WRITE_PAYLOAD, "xbstream chunk too large");
         self.start_chunk(b'P');
         self.head
@@ -117,7 +117,13 @@ impl<W: Write + Send> Encoder for XbstreamWriter<W> {
         self.head.extend_from_slice(&self.offset.to_le_bytes());
         self.head.extend_from_slice(&crc32.to_le_bytes());
         Self::put(&mut self.out, &self.head)?;
-        Self::put(&mut self.out, data)?;
+        match pages {
+            true => self
+                .out
+                .put_pages(data)
+                .context(|| "cannot write the xbstream stream".into())?,
+            false => Self::put(&mut self.out, data)?,
+        }
         self.offset += data.len() as u64;
         Ok(())
     }

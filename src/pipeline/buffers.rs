@@ -2,9 +2,16 @@
 //! them on first use; a buffer goes back to its pool when dropped, wherever that happens
 //! (in a reader, a compression worker, or a sink's writer thread). Memory is therefore
 //! bounded by the pool sizes, whatever the size of the data.
+//!
+//! A buffer can also be a window on a file mapped into memory: the pages of an SST, which
+//! nobody changes, read where the page cache holds them instead of being copied out. A sink
+//! may then hand those pages on without copying them either (a pipe takes them by
+//! reference, a directory may copy the range inside the kernel).
 
-use std::ops::{Deref, DerefMut};
+use std::fs::File;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -40,6 +47,7 @@ impl Pool {
             len: 0,
             data,
             home: Some(self.home.clone()),
+            mapped: None,
         }
     }
 
@@ -52,11 +60,20 @@ impl Pool {
     }
 }
 
-/// A buffer whose first `len` bytes are its contents.
+/// A buffer whose first `len` bytes are its contents, or a window on a mapped file.
 pub struct Buf {
     data: Vec<u8>,
     len: usize,
     home: Option<Sender<Vec<u8>>>,
+    mapped: Option<Window>,
+}
+
+/// `len` bytes at `offset` of a file that nobody changes, mapped into memory.
+struct Window {
+    map: Arc<memmap2::Mmap>,
+    file: Arc<File>,
+    offset: usize,
+    len: usize,
 }
 
 impl Buf {
@@ -66,11 +83,34 @@ impl Buf {
             len: data.len(),
             data,
             home: None,
+            mapped: None,
         }
+    }
+
+    /// `len` bytes at `offset` of the mapped immutable file `file`.
+    pub fn mapped(map: Arc<memmap2::Mmap>, file: Arc<File>, offset: usize, len: usize) -> Buf {
+        assert!(offset + len <= map.len());
+        Buf {
+            data: Vec::new(),
+            len: 0,
+            home: None,
+            mapped: Some(Window {
+                map,
+                file,
+                offset,
+                len,
+            }),
+        }
+    }
+
+    /// The file and offset these bytes are at, when they are pages of an immutable file.
+    pub fn file_range(&self) -> Option<(&File, u64)> {
+        self.mapped.as_ref().map(|w| (&*w.file, w.offset as u64))
     }
 
     /// The whole buffer, to be filled; then [`Buf::set_len`].
     pub fn space(&mut self) -> &mut [u8] {
+        assert!(self.mapped.is_none(), "a mapped file is read-only");
         &mut self.data
     }
 
@@ -83,13 +123,10 @@ impl Buf {
 impl Deref for Buf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.data[..self.len]
-    }
-}
-
-impl DerefMut for Buf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.data[..self.len]
+        match &self.mapped {
+            Some(w) => &w.map[w.offset..w.offset + w.len],
+            None => &self.data[..self.len],
+        }
     }
 }
 

@@ -1,13 +1,16 @@
 //! Reading one file into the sink: each byte is read once, checksummed once as it passes,
-//! optionally compressed, and handed over in owned chunks. Pages of the file that were not
-//! in the page cache before are dropped from it again as soon as they are read, so that a
-//! backup leaves the server's cache as it found it.
+//! optionally compressed, and handed over in owned chunks. An SST, which nobody changes, is
+//! mapped into memory rather than copied out of the page cache: its chunks are windows on
+//! the mapping, which the sink may pass on without a copy either. Pages of the file that
+//! were not in the page cache before are dropped from it again once read, so that a backup
+//! leaves the server's cache as it found it.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use super::compress::{self, Job};
 use super::{Ctx, Item, Source};
@@ -15,6 +18,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::layout::ZSTD_SUFFIX;
 use crate::format::manifest::{FileRecord, Kind, Original};
 use crate::format::{combine_crc, read_full, FileMeta, CHUNK_SIZE};
+use crate::pipeline::Buf;
 use crate::sink::{Chunk, SinkFile};
 
 /// Stores one item; returns its manifest record.
@@ -45,7 +49,7 @@ fn store_file(
     ctx: &Ctx,
 ) -> Result<FileRecord> {
     // Never through a symbolic link: the checkpoint directory is the server's to write.
-    let mut file = File::options()
+    let file = File::options()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(src)
@@ -80,6 +84,13 @@ fn store_file(
     }
     let resident = crate::sys::resident_pages(&file, size);
     crate::sys::advise_sequential(&file);
+    // SSTs are immutable: read where the page cache holds them. A file that cannot be
+    // mapped is read the usual way.
+    let map = match kind == Kind::Sst && len.is_none() && size > 0 {
+        true => crate::sys::map_immutable(&file, size).ok().map(Arc::new),
+        false => None,
+    };
+    let file = Arc::new(file);
     let mut out = Writer::new(ctx, ctx.sink.open(&meta)?, compress);
     let piece = ctx.throttle.as_ref().map_or(CHUNK_SIZE, |t| t.piece());
     let mut offset = 0;
@@ -89,8 +100,17 @@ fn store_file(
         if let Some(t) = &ctx.throttle {
             t.take(want, &ctx.cancel)?;
         }
+        if let Some(map) = &map {
+            // One call maps the window's pages (read ahead as needed), not a fault per page.
+            let _ = map.advise_range(memmap2::Advice::PopulateRead, offset as usize, want);
+            let buf = Buf::mapped(map.clone(), file.clone(), offset as usize, want);
+            offset += want as u64;
+            ctx.progress.add(want as u64);
+            out.push(buf)?;
+            continue;
+        }
         let mut buf = ctx.pool.get();
-        let got = read_full(&mut file, &mut buf.space()[..want]).with_path("read", src)?;
+        let got = read_full(&mut &*file, &mut buf.space()[..want]).with_path("read", src)?;
         if got < want {
             return Err(Error::io(
                 format!("cannot read {}", src.display()),
@@ -109,7 +129,14 @@ fn store_file(
         ctx.progress.add(got as u64);
         out.push(buf)?;
     }
-    out.finish(name, kind)
+    let record = out.finish(name, kind)?;
+    if map.is_some() {
+        // The sink holds the file and every window on the mapping is gone: unmap it, then
+        // drop what the backup brought into the cache.
+        drop(map);
+        drop_unless_resident(&file, resident.as_deref(), 0, size);
+    }
+    Ok(record)
 }
 
 fn store_bytes(name: &str, kind: Kind, bytes: &[u8], ctx: &Ctx) -> Result<FileRecord> {

@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -193,10 +193,22 @@ struct DirFile {
 
 impl SinkFile for DirFile {
     fn write(&mut self, chunk: Chunk) -> Result<()> {
-        self.file
-            .write_all(&chunk.data)
-            .with_path("write", &self.path)?;
-        self.written += chunk.data.len() as u64;
+        let len = chunk.data.len() as u64;
+        // Pages of an immutable file are copied inside the kernel (shared, on a filesystem
+        // with reflinks); anything else, or where the kernel cannot, is written.
+        let copied = match chunk.data.file_range() {
+            Some((src, offset)) => {
+                crate::sys::copy_range(src, offset, &self.file, self.written, len)
+                    .with_path("copy into", &self.path)?
+            }
+            None => false,
+        };
+        if !copied {
+            self.file
+                .write_all_at(&chunk.data, self.written)
+                .with_path("write", &self.path)?;
+        }
+        self.written += len;
         if self.written - self.submitted >= WRITE_BEHIND {
             // Only hints: the sync at the end makes everything durable.
             crate::sys::start_writeback(&self.file, self.submitted, self.written - self.submitted);

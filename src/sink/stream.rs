@@ -88,7 +88,10 @@ fn write_all(mut encoder: Box<dyn Encoder>, files: Receiver<Queued>) -> Result<(
         encoder.begin_file(&file.meta)?;
         loop {
             match file.pieces.recv() {
-                Ok(Piece::Data(chunk)) => encoder.write_chunk(&chunk.data, chunk.crc32)?,
+                Ok(Piece::Data(chunk)) => {
+                    let pages = chunk.data.file_range().is_some();
+                    encoder.write_chunk(&chunk.data, chunk.crc32, pages)?
+                }
                 Ok(Piece::End) => break,
                 // Its reader failed and reports why; the stream ends here, without a trailer.
                 Err(_) => return Ok(()),

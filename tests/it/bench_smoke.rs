@@ -26,7 +26,14 @@ fn the_benchmark_runs_every_case_on_tiny_data() {
     );
     let text = std::fs::read_to_string(&report).unwrap();
     for row in [
-        "| limit: cat |",
+        "| limit: sendfile |",
+        "| cat, 64 KiB pipes |",
+        "| myrocks-hotbackup --target-dir |",
+        "| mariabackup --target-dir |",
+        "| zstd:3, all cores |",
+        "| myrocks-hotbackup verify |",
+        "| myrocks-hotbackup copy-back |",
+        "| mariabackup --copy-back |",
         "| myrocks-hotbackup xbstream |",
         "| myrocks-hotbackup tar |",
         "| original xbstream |",
@@ -44,6 +51,12 @@ fn the_benchmark_runs_every_case_on_tiny_data() {
     }
     assert!(
         text.contains("## large files") && text.contains("## many files"),
+        "{text}"
+    );
+    assert_eq!(text.matches("### Throttle accuracy").count(), 2, "{text}");
+    assert_eq!(
+        text.matches("| myrocks-hotbackup, xbstream | ").count(),
+        2,
         "{text}"
     );
     assert!(

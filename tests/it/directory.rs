@@ -543,15 +543,30 @@ fn the_progress_bar_draws_in_a_real_terminal() {
         source.socket.display(),
         tmp.path().join("b").display()
     );
-    let out = tmux_cmd(&["new-session", "-d", "-s", "t", "-x", "150", "-y", "40", &script]);
+    let out = tmux_cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "150",
+        "-y",
+        "40",
+        &script,
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let pane = || String::from_utf8_lossy(&tmux_cmd(&["capture-pane", "-p", "-t", "t"]).stdout).into_owned();
+    let pane = || {
+        String::from_utf8_lossy(&tmux_cmd(&["capture-pane", "-p", "-t", "t"]).stdout).into_owned()
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut bar = None;
     let mut screen = String::new();
     while std::time::Instant::now() < deadline {
         screen = pane();
-        if let Some(line) = screen.lines().find(|l| l.contains("% ") && l.contains("ETA") && l.contains("MiB/s")) {
+        if let Some(line) = screen
+            .lines()
+            .find(|l| l.contains("% ") && l.contains("ETA") && l.contains("MiB/s"))
+        {
             bar = Some(line.to_string());
         }
         if screen.contains("EXIT=") {
@@ -564,7 +579,10 @@ fn the_progress_bar_draws_in_a_real_terminal() {
     assert!(screen.contains("EXIT=0"), "{screen}");
     assert!(screen.contains("backup completed OK!"), "{screen}");
     // The bar is cleared once done: the last lines are the log and the exit status.
-    let before_exit: Vec<&str> = screen.lines().take_while(|l| !l.contains("EXIT=")).collect();
+    let before_exit: Vec<&str> = screen
+        .lines()
+        .take_while(|l| !l.contains("EXIT="))
+        .collect();
     assert!(
         before_exit.iter().all(|l| !l.contains("ETA")),
         "the bar stays on the screen:\n{screen}"
