@@ -251,6 +251,10 @@ pub struct ExtractArgs {
     pub directory: PathBuf,
     /// The stream to read [default: stdin]
     pub input: Option<PathBuf>,
+    /// Keep the files of a compressed backup compressed (`.zst`, as stored); the restore
+    /// decodes them [default: decode them while extracting]
+    #[arg(long)]
+    pub keep_compressed: bool,
 }
 
 /// The original tool's options, as its scripts pass them.

@@ -11,9 +11,13 @@ pub fn run(args: ExtractArgs) -> Result<()> {
     let summary = match args.input.as_deref().filter(|p| p.as_os_str() != "-") {
         Some(path) => {
             let mut file = File::open(path).with_path("open", path)?;
-            extract::extract(&mut file, &args.directory)?
+            extract::extract(&mut file, &args.directory, args.keep_compressed)?
         }
-        None => extract::extract(&mut super::stdio::stdin()?, &args.directory)?,
+        None => extract::extract(
+            &mut super::stdio::stdin()?,
+            &args.directory,
+            args.keep_compressed,
+        )?,
     };
     info!(
         "Extracted {} files, {} bytes ({:?}) into {}",

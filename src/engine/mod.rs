@@ -424,6 +424,7 @@ impl Job<'_> {
     /// those not started by `deadline` are left. Returns the bytes sent.
     fn send_ssts(
         &mut self,
+        area: &CheckpointArea,
         dir: &Path,
         ssts: &[(String, u64)],
         deadline: Option<Instant>,
@@ -440,9 +441,10 @@ impl Job<'_> {
                 },
             })
             .collect();
+        // The checkpoint pins what compaction deletes: free space is checked after each file.
         let left: HashSet<String> = self
             .pipeline
-            .send(items, deadline)?
+            .send_checked(items, deadline, &|| area.check_space())?
             .into_iter()
             .map(|item| item.name)
             .collect();
@@ -516,7 +518,7 @@ impl Job<'_> {
             }
             self.set_total(unsent);
             area.check_space()?;
-            let (files, bytes) = self.send_ssts(&dir, &ssts, Some(start + interval))?;
+            let (files, bytes) = self.send_ssts(area, &dir, &ssts, Some(start + interval))?;
             fs::remove_dir_all(&dir).with_path("remove checkpoint", &dir)?;
             info!("Cleaned up checkpoint from {}", dir.display());
             let stats = RoundStats {
@@ -705,7 +707,7 @@ impl Job<'_> {
         self.other_bytes += wal_bytes + rest_bytes;
         self.set_total(ssts.iter().map(|(_, size)| size).sum());
         area.check_space()?;
-        self.send_ssts(dir, &ssts, None)?;
+        self.send_ssts(area, dir, &ssts, None)?;
         let live: HashSet<&String> = listing.iter().map(|(name, _)| name).collect();
         let mut obsolete: Vec<String> = self
             .sent_sst

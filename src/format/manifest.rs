@@ -26,13 +26,17 @@ pub struct Begin {
     pub tool: String,
     /// Seconds since the epoch.
     pub started: i64,
+    /// `zstd:LEVEL` when the files that follow are stored compressed (`.zst`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
 }
 
 impl Begin {
-    pub fn now() -> Vec<u8> {
+    pub fn now(compression: Option<String>) -> Vec<u8> {
         let begin = Begin {
             tool: tool_version(),
             started: crate::log::unix_now(),
+            compression,
         };
         serde_json::to_vec_pretty(&begin).expect("serialisable")
     }

@@ -6,7 +6,7 @@
 //! in the workers at once, so one large file keeps every core busy.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -151,10 +151,6 @@ impl<W: Write> StreamDecoder<W> {
         let crc = counted.crc.finalize();
         Ok((counted.out, counted.size, crc))
     }
-
-    pub fn get_ref(&self) -> &W {
-        &self.inner.get_ref().out
-    }
 }
 
 /// A writer that counts and checksums what passes through it.
@@ -182,11 +178,6 @@ pub fn add_crc(crc: &mut crc32fast::Hasher, chunk: &Chunk) {
     combine_crc(crc, chunk.crc32, chunk.data.len());
 }
 
-/// Reads a whole `.zst` file from any reader: for tests and `verify --stream`.
-pub fn decode_all(input: &mut dyn Read) -> std::io::Result<Vec<u8>> {
-    zstd::stream::decode_all(input)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,7 +200,7 @@ mod tests {
         for piece in data.chunks(100_000) {
             stored.extend(zstd::bulk::compress(piece, 3).unwrap());
         }
-        assert_eq!(decode_all(&mut &stored[..]).unwrap(), data);
+        assert_eq!(zstd::stream::decode_all(&stored[..]).unwrap(), data);
         let mut dec = StreamDecoder::new(Vec::new()).unwrap();
         for piece in stored.chunks(777) {
             dec.write(piece).unwrap();

@@ -163,7 +163,11 @@ impl<'a> Pipeline<'a> {
     /// Starts the backup: its marker file goes first.
     pub fn begin(&self) -> Result<()> {
         self.send(
-            vec![Item::bytes(BEGIN_NAME, Kind::Metadata, Begin::now())],
+            vec![Item::bytes(
+                BEGIN_NAME,
+                Kind::Metadata,
+                Begin::now(self.options.compression.map(|c| c.label())),
+            )],
             None,
         )
         .map(drop)
@@ -171,6 +175,17 @@ impl<'a> Pipeline<'a> {
 
     /// Stores `items`, several at a time. Items not started by `deadline` are returned.
     pub fn send(&self, items: Vec<Item>, deadline: Option<Instant>) -> Result<Vec<Item>> {
+        self.send_checked(items, deadline, &|| Ok(()))
+    }
+
+    /// Like [`Pipeline::send`], running `check` after every file stored (the engine's free
+    /// space guard): its error stops the batch.
+    pub fn send_checked(
+        &self,
+        items: Vec<Item>,
+        deadline: Option<Instant>,
+        check: &(dyn Fn() -> Result<()> + Sync),
+    ) -> Result<Vec<Item>> {
         let readers = self
             .options
             .parallel
@@ -204,7 +219,11 @@ impl<'a> Pipeline<'a> {
             };
             std::thread::scope(|s| {
                 let readers: Vec<_> = (0..readers)
-                    .map(|_| s.spawn(|| self.reader(&ctx, &queue, deadline, &failed, &first_error)))
+                    .map(|_| {
+                        s.spawn(|| {
+                            self.reader(&ctx, &queue, deadline, check, &failed, &first_error)
+                        })
+                    })
                     .collect();
                 for r in readers {
                     if r.join().is_err() {
@@ -229,6 +248,7 @@ impl<'a> Pipeline<'a> {
         ctx: &Ctx,
         queue: &Mutex<VecDeque<Item>>,
         deadline: Option<Instant>,
+        check: &(dyn Fn() -> Result<()> + Sync),
         failed: &AtomicBool,
         first_error: &Mutex<Option<Error>>,
     ) {
@@ -239,8 +259,11 @@ impl<'a> Pipeline<'a> {
             let Some(item) = lock(queue).pop_front() else {
                 return;
             };
-            match read::store(item, ctx) {
-                Ok(record) => lock(&self.records).push(record),
+            match read::store(item, ctx).and_then(|record| {
+                lock(&self.records).push(record);
+                check()
+            }) {
+                Ok(()) => {}
                 Err(e) => {
                     failed.store(true, Ordering::Relaxed);
                     let mut first = lock(first_error);

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::layout::MANIFEST_NAME;
+use crate::format::layout::{BEGIN_NAME, MANIFEST_NAME, ZSTD_SUFFIX};
 use crate::format::manifest;
 use crate::format::{self, combine_crc, read_full, safe_components, Attrs, Format, Unpack};
+use crate::pipeline::compress::StreamDecoder;
 
 /// What an extraction produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,14 +26,16 @@ pub struct Summary {
 
 /// Extracts the stream `input` into `target` (created if missing; its parent must exist).
 /// A stream written by this tool is checked against its manifest: every file's size and
-/// CRC-32, and that nothing is missing or extra.
-pub fn extract(input: &mut dyn Read, target: &Path) -> Result<Summary> {
+/// CRC-32, and that nothing is missing or extra. Files it stored compressed are decoded on
+/// the way (and checked against their originals' CRC-32), unless `keep_compressed`.
+pub fn extract(input: &mut dyn Read, target: &Path, keep_compressed: bool) -> Result<Summary> {
     let mut head = vec![0u8; format::tar::BLOCK];
     let n = read_full(input, &mut head).context(|| "cannot read the input stream".into())?;
     head.truncate(n);
     let detected = Format::detect(&head)?;
     let mut stream = Cursor::new(head).chain(input);
     let mut unpacker = Extractor::new(target)?;
+    unpacker.may_decode = !keep_compressed;
     let result = match detected {
         Format::Tar => format::tar::read(&mut stream, &mut unpacker),
         Format::Xbstream => format::xbstream::read(&mut stream, &mut unpacker),
@@ -62,6 +65,12 @@ struct Extractor {
     known_dirs: HashSet<PathBuf>,
     dir_attrs: Vec<(PathBuf, Attrs)>,
     bytes: u64,
+    /// Decode what the stream's marker says is compressed.
+    may_decode: bool,
+    /// The marker said the stream's `.zst` files are compressed by the backup.
+    compressed: bool,
+    /// Stored name → size and CRC-32 of what it decoded to.
+    decoded: BTreeMap<String, (u64, u32)>,
 }
 
 impl Extractor {
@@ -89,6 +98,9 @@ impl Extractor {
             known_dirs: HashSet::from([root.to_path_buf()]),
             dir_attrs: Vec::new(),
             bytes: 0,
+            may_decode: true,
+            compressed: false,
+            decoded: BTreeMap::new(),
         })
     }
 
@@ -126,7 +138,9 @@ impl Extractor {
                 "the stream has a file with the empty name {path:?}"
             )));
         };
-        let full = self.ensure_dir(parents)?.join(name);
+        let stored = parts.join("/");
+        let plain = name.strip_suffix(ZSTD_SUFFIX).filter(|_| self.compressed);
+        let full = self.ensure_dir(parents)?.join(plain.unwrap_or(name));
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -139,10 +153,19 @@ impl Extractor {
                 )),
                 _ => Error::io(format!("cannot create {}", full.display()), e),
             })?;
-        self.created.push(full);
+        self.created.push(full.clone());
+        let decoder = match plain {
+            Some(_) => Some(
+                file.try_clone()
+                    .and_then(StreamDecoder::new)
+                    .with_path("decode into", &full)?,
+            ),
+            None => None,
+        };
         Ok(OpenFile {
             file,
-            name: parts.join("/"),
+            decoder,
+            name: stored,
             written: 0,
             submitted: 0,
             dropped: 0,
@@ -161,6 +184,29 @@ impl Extractor {
             false => None,
         };
         manifest::verify_received(&self.received, manifest.as_deref())?;
+        if let (false, Some(json)) = (self.decoded.is_empty(), &manifest) {
+            let m: manifest::Manifest<serde_json::Value> = manifest::Manifest::parse(json)?;
+            for f in &m.files {
+                let Some(&(size, crc)) = self.decoded.get(&f.path) else {
+                    continue;
+                };
+                match &f.original {
+                    Some(o) if (o.size, o.crc32) == (size, crc) => {}
+                    Some(o) => {
+                        return Err(Error::Corrupt(format!(
+                            "{:?} decodes to {size} bytes with CRC-32 {crc:08x}, the manifest says {} bytes with {:08x}",
+                            f.path, o.size, o.crc32
+                        )))
+                    }
+                    None => {
+                        return Err(Error::Corrupt(format!(
+                            "{:?} was decoded, but the manifest does not list it as compressed",
+                            f.path
+                        )))
+                    }
+                }
+            }
+        }
         for (dir, attrs) in self.dir_attrs.iter().rev() {
             set_attrs(dir, None, *attrs)?;
         }
@@ -187,23 +233,44 @@ impl Unpack for Extractor {
             offset, open.written,
             "readers check that offsets are contiguous"
         );
-        open.file
-            .write_all(data)
-            .context(|| format!("cannot write {} in {}", path, self.root.display()))?;
+        match &mut open.decoder {
+            Some(decoder) => decoder
+                .write(data)
+                .map_err(|e| Error::Corrupt(format!("{path:?} does not decompress: {e}")))?,
+            None => {
+                open.file
+                    .write_all(data)
+                    .context(|| format!("cannot write {} in {}", path, self.root.display()))?;
+            }
+        }
         combine_crc(&mut open.crc, crc32, data.len());
         open.written += data.len() as u64;
-        open.write_behind();
+        if open.decoder.is_none() {
+            open.write_behind();
+        }
         self.bytes += data.len() as u64;
         Ok(())
     }
 
     fn end_file(&mut self, path: &str, attrs: Option<Attrs>) -> Result<()> {
-        let open = match self.open.remove(path) {
+        let mut open = match self.open.remove(path) {
             Some(open) => open,
             None => self.create_file(path)?,
         };
+        if let Some(decoder) = open.decoder.take() {
+            let (_, size, crc) = decoder
+                .finish()
+                .map_err(|e| Error::Corrupt(format!("{path:?} does not decompress: {e}")))?;
+            self.decoded.insert(open.name.clone(), (size, crc));
+        }
         if let Some(attrs) = attrs {
             set_attrs(Path::new(path), Some(&open.file), attrs)?;
+        }
+        if open.name == BEGIN_NAME && self.received.is_empty() && self.may_decode {
+            // Our marker, first: it says whether the `.zst` files that follow are ours.
+            let begin = fs::read(self.root.join(BEGIN_NAME)).unwrap_or_default();
+            self.compressed = serde_json::from_slice::<manifest::Begin>(&begin)
+                .is_ok_and(|b| b.compression.is_some());
         }
         self.received
             .insert(open.name, (open.written, open.crc.finalize()));
@@ -226,6 +293,8 @@ impl Unpack for Extractor {
 /// A file being written.
 struct OpenFile {
     file: File,
+    /// Decodes a compressed file into `file` on the way.
+    decoder: Option<StreamDecoder<File>>,
     /// The path as stored in `received`: components joined by `/`, no `.` parts.
     name: String,
     written: u64,

@@ -439,11 +439,26 @@ fn compressed_streams_restore_byte_for_byte_through_mbstream_and_ours() {
         stderr(&out)
     );
 
-    for tool in ["mbstream", "ours"] {
-        let extracted = tmp.path().join(format!("x-{tool}"));
-        extract_with(tool, &stream, &extracted);
+    for tool in ["mbstream", "ours", "ours, --keep-compressed"] {
+        let extracted = tmp.path().join(format!("x-{}", tool.len()));
+        match tool {
+            "ours, --keep-compressed" => {
+                let out = Command::new(bin())
+                    .args(["extract", "--keep-compressed", "-C"])
+                    .arg(&extracted)
+                    .arg(&stream)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{}", stderr(&out));
+            }
+            tool => extract_with(tool, &stream, &extracted),
+        }
         let m = manifest(&extracted);
-        assert!(walk(&extracted).iter().any(|p| p.ends_with(".sst.zst")));
+        let stored = walk(&extracted).iter().any(|p| p.ends_with(".sst.zst"));
+        // Our extract decodes as it goes, unless told to keep the files as stored.
+        assert_eq!(stored, tool != "ours", "{tool}");
+        let (code, v) = verify_json(&[extracted.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{tool}: {v}");
         let restored = tmp.path().join(format!("r-{tool}"));
         restore_ok("move-back", &extracted, &restored, &[]);
         // Every restored file is what was read from the server: its CRC-32 is the one the
