@@ -331,13 +331,13 @@ fn extract_cases(tool: &Path, work: &Path, xb: &Path, tar: &Path) -> Vec<Case> {
     ]
 }
 
-/// Directory backups: ours against `cp -r` of the same directories and mariabackup.
-/// Every case ends with its files on disk (ours syncs each file; the others are followed
-/// by `sync`).
-fn directory_cases(server: &Server, db: &str, tool: &Path, work: &Path) -> Vec<Case> {
+/// Directory backups: ours against `cp -r` of the same directories and mariabackup, into
+/// `target` (another filesystem than the data's, as a backup disk is). Every case ends with
+/// its files synced (ours syncs each file; the others are followed by `sync`).
+fn directory_cases(server: &Server, db: &str, tool: &Path, work: &Path, target: &Path) -> Vec<Case> {
     let sock = server.socket.display();
     let d = server.datadir.display();
-    let out = work.join("dir-out");
+    let out = target.join("dir-out");
     let o = out.display();
     let tool = tool.display();
     let clean = format!("rm -rf {o}");
@@ -362,9 +362,9 @@ fn directory_cases(server: &Server, db: &str, tool: &Path, work: &Path) -> Vec<C
 }
 
 /// Compression into a directory, on one core and on all of them.
-fn compression_cases(server: &Server, tool: &Path, work: &Path) -> Vec<Case> {
+fn compression_cases(server: &Server, tool: &Path, work: &Path, target: &Path) -> Vec<Case> {
     let sock = server.socket.display();
-    let out = work.join("zst-out");
+    let out = target.join("zst-out");
     let o = out.display();
     let tool = tool.display();
     let clean = format!("rm -rf {o}");
@@ -768,10 +768,10 @@ fn evict(files: &[PathBuf]) {
 
 /// How much of the server's files each tool leaves in the page cache, from a cold cache
 /// (none of it cached) and from a hot one (all of it cached).
-fn page_cache_section(ds: &DataSet, tool: &Path, work: &Path, path: &str) -> String {
+fn page_cache_section(ds: &DataSet, tool: &Path, target: &Path, path: &str) -> String {
     let files = server_files(ds);
     let sock = ds.server.socket.display();
-    let out = work.join("cache-out");
+    let out = target.join("cache-out");
     let o = out.display();
     let cases = [
         (
@@ -922,6 +922,13 @@ fn main() {
         .prefix("myrocks-bench-")
         .tempdir()
         .unwrap();
+    // Directory backups go to another filesystem than the data's, as onto a backup disk:
+    // the tmpfs of /dev/shm where there is one. (On the data's own filesystem mariabackup
+    // hard-links the SSTs instead of copying them.)
+    let target = tempfile::Builder::new()
+        .prefix("myrocks-bench-")
+        .tempdir_in(if Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" })
+        .unwrap();
     // The original tool's xbstream mode runs `xbstream`: MariaDB ships it as mbstream.
     let shim = work.path().join("bin");
     fs::create_dir(&shim).unwrap();
@@ -936,8 +943,11 @@ fn main() {
         "# Benchmarks\n\nProduced by `bench/run` (scale {}, {} runs per case, cases alternating; medians, \
          spread = min–max). Stream backups go through a pipe into `cat > /dev/null`; their limit is zero-copy: \
          `sendfile` of the same files into a pipe enlarged to 1 MiB, read by `cat > /dev/null` (\"cat, 64 KiB \
-         pipes\" copies them through default pipes). Directory backups, extraction and restores end with their files on \
-         disk (ours syncs each file; the others are followed by `sync`); their limit is `cp -r` of the same files. \
+         pipes\" copies them through default pipes). Directory backups, extraction and restores end with their files synced \
+         (ours syncs each file; the others are followed by `sync`); their limit is `cp -r` of the same files. \
+         Directory backups write to a tmpfs (`/dev/shm`), another filesystem than the data's, as a backup disk \
+         is: on the data's own filesystem mariabackup hard-links the SSTs, which copies nothing (and shares \
+         their inodes with the live database). \
          \"our process: CPU s/GiB\" is the CPU time of the backup process alone (from its `--report`), per GiB \
          of data: what a busy database host pays. \
          \"longest commit\" is the slowest of single-row commits made every 2 ms during the run.\n\n\
@@ -991,12 +1001,12 @@ fn main() {
         fs::remove_file(&xb).unwrap();
         fs::remove_file(&tar).unwrap();
 
-        let cases = directory_cases(&ds.server, ds.db, &tool, &dir);
+        let cases = directory_cases(&ds.server, ds.db, &tool, &dir, target.path());
         let samples = run_cases(&cases, opts.runs, Some(&ds.server), &path);
         report.push_str("\n### Directory backup\n\n");
         report.push_str(&table(&cases, &samples, ds.bytes, "limit: cp -r", true));
 
-        let cases = compression_cases(&ds.server, &tool, &dir);
+        let cases = compression_cases(&ds.server, &tool, &dir, target.path());
         let samples = run_cases(&cases, opts.runs, None, &path);
         report.push_str("\n### Compression (directory backup)\n\n");
         report.push_str(&table(&cases, &samples, ds.bytes, "no compression", false));
@@ -1040,7 +1050,7 @@ fn main() {
         );
 
         report.push_str(&throttle_section(&ds, &tool, &dir));
-        report.push_str(&page_cache_section(&ds, &tool, &dir, &path));
+        report.push_str(&page_cache_section(&ds, &tool, target.path(), &path));
     }
     report.push_str(&stall_section(&opts, &tool, work.path(), &path));
     if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {

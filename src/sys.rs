@@ -109,11 +109,25 @@ pub fn resident_pages(file: &File, len: u64) -> Option<Vec<bool>> {
         if addr == libc::MAP_FAILED {
             return None;
         }
-        let mut vec = vec![0u8; pages];
-        let rc = libc::mincore(addr, len as usize, vec.as_mut_ptr());
+        let resident = mincore(addr, len as usize, pages);
         libc::munmap(addr, len as usize);
-        (rc == 0).then(|| vec.iter().map(|&b| b & 1 == 1).collect())
+        resident
     }
+}
+
+/// [`resident_pages`] of a file already mapped (with [`map_immutable`]).
+pub fn resident_in(map: &memmap2::Mmap) -> Option<Vec<bool>> {
+    let pages = (map.len() as u64).div_ceil(page_size()) as usize;
+    // SAFETY: the mapping is live for the call; mincore only looks at it.
+    unsafe { mincore(map.as_ptr() as *mut libc::c_void, map.len(), pages) }
+}
+
+/// # Safety
+/// `addr` and `len` describe a live mapping of `pages` pages.
+unsafe fn mincore(addr: *mut libc::c_void, len: usize, pages: usize) -> Option<Vec<bool>> {
+    let mut vec = vec![0u8; pages];
+    let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    (rc == 0).then(|| vec.iter().map(|&b| b & 1 == 1).collect())
 }
 
 pub fn page_size() -> u64 {

@@ -82,13 +82,16 @@ fn store_file(
         ctx.progress.add(size);
         return Ok(record);
     }
-    let resident = crate::sys::resident_pages(&file, size);
     crate::sys::advise_sequential(&file);
     // SSTs are immutable: read where the page cache holds them. A file that cannot be
     // mapped is read the usual way.
     let map = match kind == Kind::Sst && len.is_none() && size > 0 {
         true => crate::sys::map_immutable(&file, size).ok().map(Arc::new),
         false => None,
+    };
+    let resident = match &map {
+        Some(map) => crate::sys::resident_in(map),
+        None => crate::sys::resident_pages(&file, size),
     };
     let file = Arc::new(file);
     let mut out = Writer::new(ctx, ctx.sink.open(&meta)?, compress);
@@ -101,8 +104,6 @@ fn store_file(
             t.take(want, &ctx.cancel)?;
         }
         if let Some(map) = &map {
-            // One call maps the window's pages (read ahead as needed), not a fault per page.
-            let _ = map.advise_range(memmap2::Advice::PopulateRead, offset as usize, want);
             let buf = Buf::mapped(map.clone(), file.clone(), offset as usize, want);
             offset += want as u64;
             ctx.progress.add(want as u64);
