@@ -334,7 +334,13 @@ fn extract_cases(tool: &Path, work: &Path, xb: &Path, tar: &Path) -> Vec<Case> {
 /// Directory backups: ours against `cp -r` of the same directories and mariabackup, into
 /// `target` (another filesystem than the data's, as a backup disk is). Every case ends with
 /// its files synced (ours syncs each file; the others are followed by `sync`).
-fn directory_cases(server: &Server, db: &str, tool: &Path, work: &Path, target: &Path) -> Vec<Case> {
+fn directory_cases(
+    server: &Server,
+    db: &str,
+    tool: &Path,
+    work: &Path,
+    target: &Path,
+) -> Vec<Case> {
     let sock = server.socket.display();
     let d = server.datadir.display();
     let out = target.join("dir-out");
@@ -927,7 +933,11 @@ fn main() {
     // hard-links the SSTs instead of copying them.)
     let target = tempfile::Builder::new()
         .prefix("myrocks-bench-")
-        .tempdir_in(if Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" })
+        .tempdir_in(if Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/tmp"
+        })
         .unwrap();
     // The original tool's xbstream mode runs `xbstream`: MariaDB ships it as mbstream.
     let shim = work.path().join("bin");

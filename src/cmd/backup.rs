@@ -43,15 +43,21 @@ pub fn run(args: BackupArgs) -> Result<()> {
         ));
     }
     let cancel = super::on_signals()?;
-    let parallel = args.parallel.map_or(super::cpus().clamp(2, 8), usize::from);
+    let compress_threads = args.compress_threads.map_or(super::cpus(), usize::from);
+    let mut parallel = args.parallel.map_or(super::cpus().clamp(2, 8), usize::from);
+    if args.compress.is_some() && args.parallel.is_none() {
+        // Small files are one chunk each: enough of them in flight to keep every
+        // compression worker busy.
+        parallel = parallel.max(2 * compress_threads);
+    }
     let options = Options {
         parallel,
         compression: args.compress,
-        compress_threads: args.compress_threads.map_or(super::cpus(), usize::from),
+        compress_threads,
         bytes_per_sec: args.avg_mbytes_per_sec.map(|m| m << 20),
     };
     let sink: Box<dyn Sink> = match &args.target_dir {
-        Some(dir) => Box::new(DirSink::create(dir, parallel)?),
+        Some(dir) => Box::new(DirSink::create(dir)?),
         None => {
             let out = super::stdio::stdout()?;
             let encoder: Box<dyn Encoder> = match format {

@@ -26,7 +26,6 @@ pub struct DirSink {
     root: PathBuf,
     /// True when the backup created the root (an abort then removes it too).
     created_root: bool,
-    parallel: usize,
     /// Directories created, and files created, for the syncs and for an abort.
     dirs: Mutex<BTreeSet<PathBuf>>,
     files: Mutex<Vec<PathBuf>>,
@@ -34,7 +33,7 @@ pub struct DirSink {
 
 impl DirSink {
     /// Takes `root`, which must be an empty directory or not exist yet (its parent must).
-    pub fn create(root: &Path, parallel: usize) -> Result<DirSink> {
+    pub fn create(root: &Path) -> Result<DirSink> {
         let created_root = match fs::symlink_metadata(root) {
             Ok(md) if md.is_dir() => {
                 let mut entries = fs::read_dir(root).with_path("list", root)?;
@@ -64,7 +63,6 @@ impl DirSink {
         Ok(DirSink {
             root: root.to_path_buf(),
             created_root,
-            parallel: parallel.max(1),
             dirs: Mutex::new(BTreeSet::new()),
             files: Mutex::new(Vec::new()),
         })
@@ -97,8 +95,9 @@ impl DirSink {
 }
 
 impl Sink for DirSink {
+    /// A directory takes as many files at once as the pipeline reads.
     fn max_in_flight(&self) -> usize {
-        self.parallel
+        usize::MAX
     }
 
     fn open(&self, meta: &FileMeta) -> Result<Box<dyn SinkFile + '_>> {
@@ -231,5 +230,67 @@ impl SinkFile for DirFile {
             .with_path("sync", &self.path)?;
         crate::sys::drop_cache(&self.file, 0, 0);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::Buf;
+
+    fn put(sink: &DirSink, path: &str, data: &[u8]) {
+        let mut f = sink
+            .open(&FileMeta::generated(path, data.len() as u64))
+            .unwrap();
+        f.write(Chunk {
+            data: Buf::from_vec(data.to_vec()),
+            crc32: crc32fast::hash(data),
+        })
+        .unwrap();
+        f.finish().unwrap();
+    }
+
+    #[test]
+    fn the_manifest_comes_last_and_an_abort_removes_everything() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("b");
+        let sink = DirSink::create(&root).unwrap();
+        put(&sink, "#rocksdb/000001.sst", b"sst");
+        put(&sink, "db/t.frm", b"frm");
+        assert!(!root.join(MANIFEST_NAME).exists());
+        sink.commit(b"{}").unwrap();
+        assert_eq!(fs::read(root.join(MANIFEST_NAME)).unwrap(), b"{}");
+        assert_eq!(fs::read(root.join("db/t.frm")).unwrap(), b"frm");
+        assert!(!root.join(format!(".{MANIFEST_NAME}.partial")).exists());
+
+        let other = tmp.path().join("c");
+        let sink = DirSink::create(&other).unwrap();
+        put(&sink, "#rocksdb/000001.sst", b"sst");
+        assert!(sink.abort().is_none());
+        assert!(!other.exists(), "the directory it created is gone too");
+    }
+
+    #[test]
+    fn a_non_empty_target_is_refused_and_an_empty_one_is_kept_on_abort() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("x"), b"mine").unwrap();
+        assert!(DirSink::create(tmp.path()).is_err());
+        assert_eq!(fs::read(tmp.path().join("x")).unwrap(), b"mine");
+
+        let empty = tmp.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        let sink = DirSink::create(&empty).unwrap();
+        put(&sink, "a/b", b"1");
+        sink.abort();
+        assert!(empty.is_dir() && fs::read_dir(&empty).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn files_are_never_written_outside_the_target() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sink = DirSink::create(&tmp.path().join("b")).unwrap();
+        for bad in ["../x", "/etc/x", "a/../../x"] {
+            assert!(sink.open(&FileMeta::generated(bad, 0)).is_err(), "{bad}");
+        }
     }
 }

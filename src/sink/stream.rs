@@ -178,3 +178,56 @@ impl Drop for StreamSink {
         self.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::tar::TarWriter;
+
+    /// A writer that fails after `left` bytes, like a pipe whose reader went away.
+    struct Failing {
+        left: usize,
+    }
+
+    impl std::io::Write for Failing {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.left == 0 {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            let n = buf.len().min(self.left);
+            self.left -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_writer_s_failure_reaches_the_readers_and_the_abort() {
+        let sink = StreamSink::new(Box::new(TarWriter::new(Failing { left: 600 })), 2);
+        let data = vec![7u8; 4096];
+        let mut failed = None;
+        for i in 0..4 {
+            let result = sink
+                .open(&FileMeta::generated(&format!("f{i}"), data.len() as u64))
+                .and_then(|mut f| {
+                    f.write(Chunk {
+                        data: Buf::from_vec(data.clone()),
+                        crc32: crc32fast::hash(&data),
+                    })?;
+                    f.finish()
+                });
+            if let Err(e) = result {
+                failed = Some(e);
+                break;
+            }
+        }
+        let e = failed.expect("a broken pipe is noticed");
+        let abort = sink.abort();
+        assert!(
+            e.is_broken_pipe() || abort.as_ref().is_some_and(Error::is_broken_pipe),
+            "{e}, {abort:?}"
+        );
+    }
+}
