@@ -301,3 +301,126 @@ impl<'a> Pipeline<'a> {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::FileMeta;
+    use crate::sink::{Chunk, SinkFile};
+
+    /// A sink that keeps files in memory and already holds those named in `held`.
+    #[derive(Default)]
+    struct Memory {
+        held: Vec<String>,
+        files: Mutex<Vec<(String, Vec<u8>)>>,
+    }
+
+    struct MemoryFile<'a>(&'a Memory, String, Vec<u8>);
+
+    impl Sink for Memory {
+        fn max_in_flight(&self) -> usize {
+            usize::MAX
+        }
+        fn lookup(&self, meta: &FileMeta) -> Result<Option<FileRecord>> {
+            Ok(self.held.contains(&meta.path).then(|| FileRecord {
+                path: meta.path.clone(),
+                size: meta.size.unwrap_or_default(),
+                crc32: 0x1234,
+                kind: Kind::Sst,
+                original: None,
+            }))
+        }
+        fn open(&self, meta: &FileMeta) -> Result<Box<dyn SinkFile + '_>> {
+            Ok(Box::new(MemoryFile(self, meta.path.clone(), Vec::new())))
+        }
+        fn commit(&self, _manifest: &[u8]) -> Result<()> {
+            Ok(())
+        }
+        fn abort(&self) -> Option<Error> {
+            None
+        }
+    }
+
+    impl SinkFile for MemoryFile<'_> {
+        fn write(&mut self, chunk: Chunk) -> Result<()> {
+            assert_eq!(crc32fast::hash(&chunk.data), chunk.crc32);
+            self.2.extend_from_slice(&chunk.data);
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<()> {
+            lock(&self.0.files).push((self.1, self.2));
+            Ok(())
+        }
+    }
+
+    fn sst(dir: &std::path::Path, name: &str, data: &[u8]) -> Item {
+        std::fs::write(dir.join(name), data).unwrap();
+        Item {
+            name: name.into(),
+            kind: Kind::Sst,
+            source: Source::File {
+                path: dir.join(name),
+                len: None,
+                unlink: true,
+            },
+        }
+    }
+
+    #[test]
+    fn files_the_sink_holds_are_not_read_and_links_go_once_stored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sink = Memory {
+            held: vec!["2.sst".into()],
+            ..Memory::default()
+        };
+        let options = Options {
+            parallel: 3,
+            ..Options::serial()
+        };
+        let pipeline = Pipeline::new(&sink, options, &progress::Quiet, Cancel::never());
+        let big: Vec<u8> = (0..3 * CHUNK_SIZE + 5).map(|i| (i % 251) as u8).collect();
+        let items = vec![
+            sst(tmp.path(), "1.sst", &big),
+            sst(tmp.path(), "2.sst", b"held"),
+            sst(tmp.path(), "3.sst", b""),
+        ];
+        assert!(pipeline.send(items, None).unwrap().is_empty());
+        let mut stored = lock(&sink.files).clone();
+        stored.sort();
+        assert_eq!(
+            stored,
+            vec![("1.sst".into(), big.clone()), ("3.sst".into(), vec![])]
+        );
+        let records = pipeline.records();
+        let held = records.iter().find(|r| r.path == "2.sst").unwrap();
+        assert_eq!(held.crc32, 0x1234, "the sink's own record");
+        let first = records.iter().find(|r| r.path == "1.sst").unwrap();
+        assert_eq!(
+            (first.size, first.crc32),
+            (big.len() as u64, crc32fast::hash(&big))
+        );
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).unwrap().count(),
+            0,
+            "every link removed"
+        );
+    }
+
+    #[test]
+    fn a_passed_deadline_leaves_items_unsent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sink = Memory::default();
+        let pipeline = Pipeline::new(&sink, Options::serial(), &progress::Quiet, Cancel::never());
+        let items = vec![
+            sst(tmp.path(), "1.sst", b"a"),
+            sst(tmp.path(), "2.sst", b"b"),
+        ];
+        let left = pipeline.send(items, Some(Instant::now())).unwrap();
+        assert_eq!(left.len(), 2);
+        assert!(lock(&sink.files).is_empty());
+        assert!(
+            tmp.path().join("1.sst").exists(),
+            "links of unsent files stay"
+        );
+    }
+}

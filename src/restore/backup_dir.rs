@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use crate::cancel::Cancel;
 use crate::error::{Error, IoContext, Result};
@@ -88,26 +90,54 @@ impl BackupDir {
 
     /// Reads every file and compares it with the manifest: missing, truncated, altered
     /// and extra files are all named.
+    /// Files are read by several threads at once (one per CPU).
     pub fn check(&self, cancel: &Cancel) -> Result<Checked> {
         let manifest = self.manifest()?;
-        let mut checked = Checked::default();
-        let mut buf = vec![0u8; CHUNK_SIZE];
         let mut accounted = HashSet::from([MANIFEST_NAME.to_string()]);
         for f in &manifest.files {
-            cancel.check()?;
             accounted.insert(f.path.clone());
             if let Some(o) = &f.original {
                 accounted.insert(o.path.clone());
             }
-            let problem = match self.check_file(f, &mut buf, cancel)? {
+        }
+        let next = AtomicUsize::new(0);
+        let results = Mutex::new(Vec::new());
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        std::thread::scope(|s| {
+            for _ in 0..threads.min(manifest.files.len()).max(1) {
+                s.spawn(|| {
+                    let mut buf = vec![0u8; CHUNK_SIZE];
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(f) = manifest.files.get(i) else {
+                            return;
+                        };
+                        let result = cancel
+                            .check()
+                            .and_then(|()| self.check_file(f, &mut buf, cancel));
+                        let failed = result.is_err();
+                        results
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((i, result));
+                        if failed {
+                            next.store(usize::MAX / 2, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+        results.sort_by_key(|(i, _)| *i);
+        let mut checked = Checked::default();
+        for (_, result) in results {
+            match result? {
                 Ok(bytes) => {
                     checked.files += 1;
                     checked.bytes += bytes;
-                    continue;
                 }
-                Err(p) => p,
-            };
-            checked.problems.push(problem);
+                Err(problem) => checked.problems.push(problem),
+            }
         }
         for path in self.files.keys() {
             if !accounted.contains(path) {
