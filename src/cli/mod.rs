@@ -135,7 +135,8 @@ pub struct BackupArgs {
     /// Files read and written at once [default: the number of CPUs, from 2 to 8]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub parallel: Option<u16>,
-    /// Compress every file with zstd (level 1 to 22, default 3); files get a .zst suffix.
+    /// Compress every file with zstd (level 1 to 22, or negative for speed; default 3); files
+    /// get a .zst suffix.
     /// Needs --target-dir or --stream xbstream
     #[arg(long, value_name = "zstd[:LEVEL]", num_args = 0..=1, default_missing_value = "zstd")]
     pub compress: Option<Compression>,
