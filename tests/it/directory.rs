@@ -12,6 +12,43 @@ use sandbox::Server;
 use crate::common::db::*;
 use crate::common::*;
 
+/// Every file restored from a compressed backup is what was read from the server: its
+/// CRC-32 is the one the manifest recorded for the original (but for what the restore's
+/// bootstrap rewrites: the Aria log and the mysql schema; and the SSTs compaction made
+/// obsolete during the rounds, which are not restored).
+fn assert_restored_as_read(m: &serde_json::Value, restored: &Path) {
+    let obsolete: Vec<String> = m["backup"]["obsolete_sst"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| format!("#rocksdb/{}", n.as_str().unwrap()))
+        .collect();
+    let mut compared = 0;
+    for f in m["files"].as_array().unwrap() {
+        let Some(o) = f.get("original") else { continue };
+        let name = o["path"].as_str().unwrap();
+        if name.starts_with("aria_log")
+            || name.starts_with("mysql/")
+            || obsolete.iter().any(|n| n == name)
+        {
+            continue;
+        }
+        let path = match name.strip_prefix("#rocksdb/") {
+            Some(n) => restored.join("#rocksdb").join(n),
+            None => restored.join(name),
+        };
+        let bytes = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(bytes.len() as u64, o["size"].as_u64().unwrap(), "{name}");
+        assert_eq!(
+            u64::from(crc32fast::hash(&bytes)),
+            o["crc32"].as_u64().unwrap(),
+            "{name}"
+        );
+        compared += 1;
+    }
+    assert!(compared > 10, "only {compared} files compared");
+}
+
 /// Runs our binary with `args`.
 fn ours(args: &[&str]) -> Output {
     Command::new(bin()).args(args).output().unwrap()
@@ -160,7 +197,9 @@ fn directory_backups_plain_and_compressed_restore_exactly_under_load() {
     let (code, _) = verify_json(&[plain.to_str().unwrap()]);
     assert_eq!(code, Some(0), "copy-back must leave the backup as it was");
     let restored_packed = tmp.path().join("restored-packed");
+    let packed_manifest = manifest(&packed);
     restore_ok("move-back", &packed, &restored_packed, &[]);
+    assert_restored_as_read(&packed_manifest, &restored_packed);
     assert!(
         walk(&restored_packed).iter().all(|p| !p.ends_with(".zst")),
         "every file is decoded"
@@ -461,30 +500,7 @@ fn compressed_streams_restore_byte_for_byte_through_mbstream_and_ours() {
         assert_eq!(code, Some(0), "{tool}: {v}");
         let restored = tmp.path().join(format!("r-{tool}"));
         restore_ok("move-back", &extracted, &restored, &[]);
-        // Every restored file is what was read from the server: its CRC-32 is the one the
-        // manifest recorded for the original (but for what the restore's bootstrap
-        // rewrites: the Aria log and the mysql schema).
-        let mut compared = 0;
-        for f in m["files"].as_array().unwrap() {
-            let Some(o) = f.get("original") else { continue };
-            let name = o["path"].as_str().unwrap();
-            if name.starts_with("aria_log") || name.starts_with("mysql/") {
-                continue;
-            }
-            let path = match name.strip_prefix("#rocksdb/") {
-                Some(n) => restored.join("#rocksdb").join(n),
-                None => restored.join(name),
-            };
-            let bytes = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            assert_eq!(bytes.len() as u64, o["size"].as_u64().unwrap(), "{name}");
-            assert_eq!(
-                u64::from(crc32fast::hash(&bytes)),
-                o["crc32"].as_u64().unwrap(),
-                "{name}"
-            );
-            compared += 1;
-        }
-        assert!(compared > 10, "only {compared} files compared");
+        assert_restored_as_read(&m, &restored);
         let copy = Server::start_on(&restored, &["--skip-slave-start"]);
         assert_bank_consistent(&copy);
         assert_eq!(copy.checksums("bank"), source.checksums("bank"));
@@ -602,4 +618,31 @@ fn the_progress_bar_draws_in_a_real_terminal() {
         before_exit.iter().all(|l| !l.contains("ETA")),
         "the bar stays on the screen:\n{screen}"
     );
+}
+
+/// A target filesystem that fills up: the backup fails with the reason, removes every file
+/// it wrote, and the server is untouched (its checkpoints are gone too).
+#[test]
+fn a_full_target_disk_fails_cleanly_and_leaves_nothing() {
+    let source = Server::start();
+    load_bank(&source, 60_000);
+    let tmp = tempfile::tempdir().unwrap();
+    let small = Mount::tmpfs(&tmp.path().join("small"), 4);
+    let target = small.0.join("b");
+    let out = backup_cmd(&source, &["--target-dir", target.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("No space left on device"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!target.exists(), "the backup removed what it wrote");
+    assert_eq!(fs::read_dir(&small.0).unwrap().count(), 0);
+    assert!(
+        leftovers(&source.datadir.join("#myrocks_hotbackup")).is_empty(),
+        "no checkpoint left behind"
+    );
+    assert_bank_consistent(&source);
 }
