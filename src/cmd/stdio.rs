@@ -15,10 +15,25 @@ use crate::format::Output;
 
 const PIPE_SIZE: libc::c_int = 1 << 20;
 
-/// Standard output for an archive.
-pub enum Stdout {
-    Pipe(File),
-    File(File),
+/// Standard output for an archive. Small writes (headers) are gathered, and go out in one
+/// system call before the next file's pages or when the stream ends.
+pub struct Stdout {
+    file: File,
+    pipe: bool,
+    pending: Vec<u8>,
+}
+
+/// Headers gathered before they are written.
+const GATHER: usize = 64 << 10;
+
+impl Stdout {
+    fn write_pending(&mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            self.file.write_all(&self.pending)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
 }
 
 /// Standard output for an archive; refuses a terminal.
@@ -35,29 +50,39 @@ pub fn stdout() -> Result<Stdout> {
             .try_clone_to_owned()
             .context(|| "cannot use stdout".into())?,
     );
-    if crate::sys::is_pipe(&file) {
+    let pipe = crate::sys::is_pipe(&file);
+    if pipe {
         crate::sys::set_pipe_size(&file, PIPE_SIZE);
-        return Ok(Stdout::Pipe(file));
     }
-    Ok(Stdout::File(file))
+    Ok(Stdout {
+        file,
+        pipe,
+        pending: Vec::with_capacity(GATHER),
+    })
 }
 
 impl Output for Stdout {
     fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        match self {
-            Stdout::Pipe(f) | Stdout::File(f) => f.write_all(bytes),
+        if self.pending.len() + bytes.len() > GATHER {
+            self.write_pending()?;
         }
+        if bytes.len() >= GATHER {
+            return self.file.write_all(bytes);
+        }
+        self.pending.extend_from_slice(bytes);
+        Ok(())
     }
 
     fn put_pages(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        match self {
-            Stdout::Pipe(f) => crate::sys::vmsplice_all(f, bytes),
-            Stdout::File(f) => f.write_all(bytes),
+        self.write_pending()?;
+        match self.pipe {
+            true => crate::sys::vmsplice_all(&self.file, bytes),
+            false => self.file.write_all(bytes),
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        self.write_pending()
     }
 }
 
