@@ -167,6 +167,23 @@ pub fn map_immutable(file: &File, len: u64) -> std::io::Result<memmap2::Mmap> {
     Ok(map)
 }
 
+/// A read error on a file mapped into memory (a bad sector under an SST) arrives as SIGBUS,
+/// not as an error code: say so and exit, rather than die without a word. The run's
+/// checkpoint is left behind, like after `kill -9`, and the next run removes it.
+pub fn explain_sigbus() -> std::io::Result<()> {
+    const MSG: &[u8] = b"myrocks-hotbackup: ERROR a file mapped into memory could not be read (SIGBUS: an I/O \
+error, or a file cut short under the backup); the backup is incomplete, and its checkpoint is removed by \
+the next run\n";
+    // SAFETY: the handler calls only write(2) and _exit(2), both async-signal-safe.
+    unsafe {
+        signal_hook::low_level::register(libc::SIGBUS, || {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(1);
+        })?;
+    }
+    Ok(())
+}
+
 /// Hands pages to a pipe by reference (`vmsplice`), without copying them. The pages must
 /// not change until the reader of the pipe has read them: pages of an immutable file.
 pub fn vmsplice_all(pipe: &File, mut bytes: &[u8]) -> std::io::Result<()> {

@@ -144,7 +144,7 @@ pub struct BackupArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub compress_threads: Option<u16>,
     /// Cap the rate at which the backup reads files, in MiB per second
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub avg_mbytes_per_sec: Option<u64>,
     /// How to show progress: a bar when stderr is a terminal, else log lines every 10 s
     #[arg(long, value_enum, default_value = "auto")]

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::info::Summary;
 use crate::cli::{BackupArgs, ProgressMode};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::format::tar::TarWriter;
 use crate::format::xbstream::XbstreamWriter;
 use crate::format::{Encoder, Format};
@@ -42,7 +42,20 @@ pub fn run(args: BackupArgs) -> Result<()> {
                 .into(),
         ));
     }
+    if let (Some(report), Some(dir)) = (&args.report, &args.target_dir) {
+        let inside = std::path::absolute(report)
+            .ok()
+            .zip(std::path::absolute(dir).ok())
+            .is_some_and(|(r, d)| r.starts_with(d));
+        if inside {
+            return Err(Error::Usage(format!(
+                "--report {} is inside the backup's --target-dir: put it elsewhere (a file the manifest does not list is a stray)",
+                report.display()
+            )));
+        }
+    }
     let cancel = super::on_signals()?;
+    crate::sys::explain_sigbus().context(|| "cannot install a SIGBUS handler".into())?;
     let compress_threads = args.compress_threads.map_or(super::cpus(), usize::from);
     let mut parallel = args.parallel.map_or(super::cpus().clamp(2, 8), usize::from);
     if args.compress.is_some() && args.parallel.is_none() {

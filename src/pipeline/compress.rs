@@ -108,8 +108,13 @@ pub fn decode_file(src: &Path, mut out: Option<&mut File>) -> Result<(u64, u32)>
     let mut buf = vec![0u8; crate::format::CHUNK_SIZE];
     let (mut size, mut crc) = (0u64, crc32fast::Hasher::new());
     loop {
-        let n = crate::format::read_full(&mut decoder, &mut buf)
-            .map_err(|e| Error::Corrupt(format!("{} does not decompress: {e}", src.display())))?;
+        // A disk that fails to read is not a damaged backup.
+        let n = crate::format::read_full(&mut decoder, &mut buf).map_err(|e| {
+            match e.raw_os_error() {
+                Some(_) => Error::io(format!("cannot read {}", src.display()), e),
+                None => Error::Corrupt(format!("{} does not decompress: {e}", src.display())),
+            }
+        })?;
         if n == 0 {
             return Ok((size, crc.finalize()));
         }
@@ -145,9 +150,9 @@ impl<W: Write> StreamDecoder<W> {
     }
 
     /// The writer, and the size and CRC-32 of everything decoded.
-    pub fn finish(mut self) -> std::io::Result<(W, u64, u32)> {
-        self.inner.flush()?;
-        let counted = self.inner.into_inner();
+    pub fn finish(self) -> std::io::Result<(W, u64, u32)> {
+        // Fails when the input does not end with a whole frame.
+        let counted = self.inner.finish()?;
         let crc = counted.crc.finalize();
         Ok((counted.out, counted.size, crc))
     }

@@ -101,6 +101,29 @@ impl Options {
 /// Chunks a sink may hold of a file it has not yet taken (see [`sink::stream`](crate::sink::stream)).
 pub const QUEUED_CHUNKS: usize = 4;
 
+/// One call of [`Pipeline::send_checked`]: the items left, and how the readers stop.
+struct Batch<'a> {
+    queue: Mutex<VecDeque<Item>>,
+    deadline: Option<Instant>,
+    /// Some item was taken (a deadline stops the batch only after that).
+    taken: AtomicBool,
+    check: &'a (dyn Fn() -> Result<()> + Sync),
+    failed: AtomicBool,
+    first_error: Mutex<Option<Error>>,
+}
+
+impl Batch<'_> {
+    /// Stops the batch; the first error is the one reported (a sink's "closed" follows the
+    /// error that closed it, and gives way to it).
+    fn fail(&self, e: Error) {
+        self.failed.store(true, Ordering::Relaxed);
+        let mut first = lock(&self.first_error);
+        if matches!(*first, None | Some(Error::Closed)) {
+            *first = Some(e);
+        }
+    }
+}
+
 /// What the readers share.
 struct Ctx<'a> {
     sink: &'a dyn Sink,
@@ -137,13 +160,13 @@ impl<'a> Pipeline<'a> {
         cancel: Cancel,
     ) -> Pipeline<'a> {
         let readers = options.parallel.max(1);
-        let depth = options.compress_threads.max(1);
+        let depth = compress_depth(&options);
         // A reader holds at most `depth` chunks in the workers, `QUEUED_CHUNKS` in the sink
         // and one in its hands: with these sizes no pool ever runs dry for a reader that
         // must make progress, so the stages cannot block each other in a circle.
         let (input, output) = match options.compression {
             Some(_) => (
-                readers * (depth + 1) + 1,
+                readers * (depth.max(QUEUED_CHUNKS) + 1) + 1,
                 readers * (depth + QUEUED_CHUNKS + 1) + 1,
             ),
             None => (readers * (QUEUED_CHUNKS + 1) + 1, 0),
@@ -192,16 +215,22 @@ impl<'a> Pipeline<'a> {
             .min(self.sink.max_in_flight())
             .min(items.len())
             .max(1);
-        let queue = Mutex::new(items.into_iter().collect::<VecDeque<_>>());
-        let failed = AtomicBool::new(false);
-        let first_error: Mutex<Option<Error>> = Mutex::new(None);
+        let batch = Batch {
+            queue: Mutex::new(items.into_iter().collect()),
+            deadline,
+            taken: AtomicBool::new(false),
+            check,
+            failed: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+        };
         let level = self.options.compression.map(|c| c.level);
         std::thread::scope(|workers| {
             let (jobs, job_queue) = crossbeam_channel::bounded(self.options.compress_threads * 2);
+            let mut handles = Vec::new();
             if let Some(level) = level {
                 for _ in 0..self.options.compress_threads.max(1) {
                     let job_queue = job_queue.clone();
-                    workers.spawn(move || compress::worker(job_queue, level));
+                    handles.push(workers.spawn(move || compress::worker(job_queue, level)));
                 }
             }
             drop(job_queue);
@@ -212,67 +241,65 @@ impl<'a> Pipeline<'a> {
                 compress: level.map(|_| CompressCtx {
                     jobs,
                     pool: &self.out_pool,
-                    depth: self.options.compress_threads.max(1),
+                    depth: compress_depth(&self.options),
                 }),
                 progress: self.progress,
                 cancel: self.cancel.clone(),
             };
             std::thread::scope(|s| {
                 let readers: Vec<_> = (0..readers)
-                    .map(|_| {
-                        s.spawn(|| {
-                            self.reader(&ctx, &queue, deadline, check, &failed, &first_error)
-                        })
-                    })
+                    .map(|_| s.spawn(|| self.reader(&ctx, &batch)))
                     .collect();
                 for r in readers {
                     if r.join().is_err() {
-                        lock(&first_error)
-                            .get_or_insert(Error::Refused("a reader thread panicked".into()));
+                        batch.fail(Error::Refused("a reader thread panicked".into()));
                     }
                 }
             });
             // Dropping the context closes the job queue: the workers end.
             drop(ctx);
+            for h in handles {
+                if h.join().is_err() {
+                    batch.fail(Error::Refused("a compression worker panicked".into()));
+                }
+            }
         });
-        match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        match batch
+            .first_error
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+        {
             Some(e) => Err(e),
-            None => Ok(queue.into_inner().unwrap_or_else(|e| e.into_inner()).into()),
+            None => Ok(batch
+                .queue
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .into()),
         }
     }
 
     /// One reader thread: takes items until none are left, the deadline passed, or a
     /// reader failed.
-    fn reader(
-        &self,
-        ctx: &Ctx,
-        queue: &Mutex<VecDeque<Item>>,
-        deadline: Option<Instant>,
-        check: &(dyn Fn() -> Result<()> + Sync),
-        failed: &AtomicBool,
-        first_error: &Mutex<Option<Error>>,
-    ) {
+    fn reader(&self, ctx: &Ctx, batch: &Batch) {
         loop {
-            if failed.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            // A batch with a deadline still stores at least one file: a round whose
+            // checkpoint took longer than the interval makes progress.
+            let late = batch.deadline.is_some_and(|d| Instant::now() >= d)
+                && batch.taken.load(Ordering::Relaxed);
+            if batch.failed.load(Ordering::Relaxed) || late {
                 return;
             }
-            let Some(item) = lock(queue).pop_front() else {
+            let Some(item) = lock(&batch.queue).pop_front() else {
                 return;
             };
-            match read::store(item, ctx).and_then(|record| {
+            batch.taken.store(true, Ordering::Relaxed);
+            let stored = read::store(item, ctx).and_then(|record| {
                 lock(&self.records).push(record);
-                check()
-            }) {
-                Ok(()) => {}
-                Err(e) => {
-                    failed.store(true, Ordering::Relaxed);
-                    let mut first = lock(first_error);
-                    // The sink's "closed" follows the error that closed it.
-                    if matches!(*first, None | Some(Error::Closed)) {
-                        *first = Some(e);
-                    }
-                    return;
-                }
+                (batch.check)()
+            });
+            if let Err(e) = stored {
+                batch.fail(e);
+                return;
             }
         }
     }
@@ -296,6 +323,13 @@ impl<'a> Pipeline<'a> {
         self.sink.commit(&manifest.to_json())?;
         Ok(manifest)
     }
+}
+
+/// Chunks of one file in the compression workers at once: enough for all readers together
+/// to keep about two jobs per worker queued, so memory grows with the workers, not with
+/// their square.
+fn compress_depth(options: &Options) -> usize {
+    (2 * options.compress_threads.max(1)).div_ceil(options.parallel.max(1))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -407,7 +441,7 @@ mod tests {
     }
 
     #[test]
-    fn a_passed_deadline_leaves_items_unsent() {
+    fn a_passed_deadline_leaves_items_unsent_after_one() {
         let tmp = tempfile::tempdir().unwrap();
         let sink = Memory::default();
         let pipeline = Pipeline::new(&sink, Options::serial(), &progress::Quiet, Cancel::never());
@@ -416,10 +450,10 @@ mod tests {
             sst(tmp.path(), "2.sst", b"b"),
         ];
         let left = pipeline.send(items, Some(Instant::now())).unwrap();
-        assert_eq!(left.len(), 2);
-        assert!(lock(&sink.files).is_empty());
+        assert_eq!(left.len(), 1, "one file, then the deadline stops the batch");
+        assert_eq!(lock(&sink.files).len(), 1);
         assert!(
-            tmp.path().join("1.sst").exists(),
+            tmp.path().join("2.sst").exists(),
             "links of unsent files stay"
         );
     }

@@ -236,7 +236,9 @@ impl<'a> Writer<'a> {
 
     fn take_one(&mut self) -> Result<()> {
         let result = self.pending.pop_front().expect("a chunk is pending");
-        let chunk = result.recv().expect("workers always reply")?;
+        let chunk = result
+            .recv()
+            .map_err(|_| Error::Refused("a compression worker stopped".into()))??;
         self.put(chunk)
     }
 

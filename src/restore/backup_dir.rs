@@ -96,7 +96,13 @@ impl BackupDir {
         let mut accounted = HashSet::from([MANIFEST_NAME.to_string()]);
         for f in &manifest.files {
             accounted.insert(f.path.clone());
-            if let Some(o) = &f.original {
+            // The decoded form counts only in place of the stored one: both there, the
+            // decoded one is a stray (a restore would put the two on the same path).
+            if let Some(o) = f
+                .original
+                .as_ref()
+                .filter(|_| !self.files.contains_key(&f.path))
+            {
                 accounted.insert(o.path.clone());
             }
         }

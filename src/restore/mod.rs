@@ -14,7 +14,7 @@
 pub mod backup_dir;
 pub mod extract;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -26,10 +26,14 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::layout::{
     BEGIN_NAME, BINLOG_INFO_NAME, INNODB_SQL_NAME, MANIFEST_NAME, ROCKSDB_DIR, ZSTD_SUFFIX,
 };
+use crate::format::manifest::Original;
 use crate::log::human;
 use crate::pipeline::compress;
 use crate::{info, warn};
 use backup_dir::BackupDir;
+
+/// The files of a backup stored compressed, with what they must decode to.
+type Decode = HashMap<PathBuf, Original>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -80,7 +84,7 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
                 && dst.parent() == Some(datadir.as_path())
                 && (name == "mysql" || name.starts_with("aria_log"));
             // A compressed file is decoded on the way: a copy, even for a move.
-            let decodes = decode.iter().any(|p| p.starts_with(src));
+            let decodes = decode.keys().any(|p| p.starts_with(src));
             undo.transfer(
                 src,
                 dst,
@@ -171,7 +175,7 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
 /// Refuses a backup whose files do not match its manifest (mbstream skips files silently;
 /// a disk may flip a bit). Returns the obsolete SSTs the manifest lists (sent in early
 /// rounds, compacted away since), and the files stored compressed, to decode.
-fn check_complete(backup: &Path, cancel: &Cancel) -> Result<(HashSet<String>, HashSet<PathBuf>)> {
+fn check_complete(backup: &Path, cancel: &Cancel) -> Result<(HashSet<String>, Decode)> {
     let dir = BackupDir::open(backup)?;
     if dir.is_original_tools() {
         return Ok(Default::default()); // nothing to check against
@@ -208,8 +212,8 @@ fn check_complete(backup: &Path, cancel: &Cancel) -> Result<(HashSet<String>, Ha
     let decode = manifest
         .files
         .iter()
-        .filter(|f| f.original.is_some() && dir.files.contains_key(&f.path))
-        .map(|f| backup.join(&f.path))
+        .filter(|f| dir.files.contains_key(&f.path))
+        .filter_map(|f| Some((backup.join(&f.path), f.original.clone()?)))
         .collect();
     Ok((obsolete, decode))
 }
@@ -221,7 +225,7 @@ fn plan(
     rocksdb_dir: &Path,
     wal_dir: &Path,
     obsolete: &HashSet<String>,
-    decode: &HashSet<PathBuf>,
+    decode: &Decode,
 ) -> Result<Vec<(PathBuf, PathBuf)>> {
     let mut moves = BTreeMap::new();
     let rocksdb_target = |name: &str| {
@@ -259,9 +263,9 @@ fn plan(
 }
 
 /// A file's name once restored: without `.zst` when it is decoded on the way.
-fn decoded_name(path: &Path, decode: &HashSet<PathBuf>) -> String {
+fn decoded_name(path: &Path, decode: &Decode) -> String {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    match decode.contains(path) {
+    match decode.contains_key(path) {
         true => name.strip_suffix(ZSTD_SUFFIX).unwrap_or(&name).to_string(),
         false => name.into_owned(),
     }
@@ -454,7 +458,7 @@ impl Undo {
         dst: &Path,
         mode: Mode,
         copy_first: bool,
-        decode: &HashSet<PathBuf>,
+        decode: &Decode,
         cancel: &Cancel,
     ) -> Result<()> {
         if mode == Mode::Move && !copy_first {
@@ -537,7 +541,7 @@ fn listing(datadir: &Path) -> HashSet<PathBuf> {
 
 /// Copies a file or directory tree, keeping modes and modification times, and decoding the
 /// files stored compressed (their copies lose the `.zst`).
-fn copy_tree(src: &Path, dst: &Path, decode: &HashSet<PathBuf>, cancel: &Cancel) -> Result<()> {
+fn copy_tree(src: &Path, dst: &Path, decode: &Decode, cancel: &Cancel) -> Result<()> {
     cancel.check()?;
     let md = fs::metadata(src).with_path("stat", src)?;
     if md.is_dir() {
@@ -551,13 +555,21 @@ fn copy_tree(src: &Path, dst: &Path, decode: &HashSet<PathBuf>, cancel: &Cancel)
                 cancel,
             )?;
         }
-    } else if decode.contains(src) {
+    } else if let Some(original) = decode.get(src) {
         let mut out = fs::File::options()
             .write(true)
             .create_new(true)
             .open(dst)
             .with_path("create", dst)?;
-        compress::decode_file(src, Some(&mut out))?;
+        let (size, crc) = compress::decode_file(src, Some(&mut out))?;
+        if (size, crc) != (original.size, original.crc32) {
+            return Err(Error::Corrupt(format!(
+                "{} decoded to {size} bytes with CRC-32 {crc:08x}, the manifest says {} bytes with {:08x}",
+                src.display(),
+                original.size,
+                original.crc32
+            )));
+        }
         out.set_modified(md.modified().with_path("stat", src)?)
             .with_path("set the time of", dst)?;
     } else {

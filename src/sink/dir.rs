@@ -145,13 +145,49 @@ impl Sink for DirSink {
             .and_then(|()| f.sync_all())
             .with_path("write", &partial)?;
         let target = self.root.join(MANIFEST_NAME);
-        crate::sys::rename_noreplace(&partial, &target)
-            .with_path("rename the manifest to", &target)?;
-        File::open(&self.root)
-            .and_then(|d| d.sync_all())
-            .with_path("sync", &self.root)
+        match crate::sys::rename_noreplace(&partial, &target) {
+            Ok(()) => {}
+            // NFS, older ZFS and FUSE filesystems lack RENAME_NOREPLACE. The directory is
+            // this backup's alone: a plain rename, unless a manifest is somehow there.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                ) && !target.exists() =>
+            {
+                fs::rename(&partial, &target).with_path("rename the manifest to", &target)?;
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("cannot rename the manifest to {}", target.display()),
+                    e,
+                ))
+            }
+        }
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(target);
+        let mut synced = vec![self.root.clone()];
+        if self.created_root {
+            // The new directory's own entry, in its parent.
+            synced.extend(
+                self.root
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map(Path::to_path_buf),
+            );
+        }
+        for dir in synced {
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .with_path("sync", &dir)?;
+        }
+        Ok(())
     }
 
+    /// Removes the files newest first: the manifest, when it was written, goes before the
+    /// files it lists.
     fn abort(&self) -> Option<Error> {
         for file in self
             .files

@@ -646,3 +646,26 @@ fn a_full_target_disk_fails_cleanly_and_leaves_nothing() {
     );
     assert_bank_consistent(&source);
 }
+
+/// A report file inside the backup would be a stray file the manifest does not list.
+#[test]
+fn a_report_inside_the_target_is_refused_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("b");
+    let out = ours(&[
+        "backup",
+        "--socket",
+        "/nonexistent.sock",
+        "--target-dir",
+        target.to_str().unwrap(),
+        "--report",
+        target.join("report.json").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("inside the backup"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!target.exists());
+}
