@@ -392,6 +392,25 @@ pub fn scan(input: &mut dyn Read) -> Result<Scanned> {
                 .map(|(p, &(size, crc))| (p.clone(), (size, Some(crc))))
                 .collect();
             problems.extend(manifest::compare(&found, &m.files));
+            // What the compressed files decode to, against their originals.
+            for f in &m.files {
+                let (Some(o), Some(decoded)) = (&f.original, scanner.decoded.get(&f.path)) else {
+                    continue;
+                };
+                let detail = match decoded {
+                    Ok((size, crc)) if (*size, *crc) == (o.size, o.crc32) => continue,
+                    Ok((size, crc)) => format!(
+                        "decodes to {size} bytes with CRC-32 {crc:08x}, the manifest says {} bytes with {:08x}",
+                        o.size, o.crc32
+                    ),
+                    Err(e) => format!("does not decompress: {e}"),
+                };
+                problems.push(manifest::Problem {
+                    path: f.path.clone(),
+                    problem: "altered",
+                    detail,
+                });
+            }
         }
         None if problems.is_empty() => problems.push(manifest::Problem {
             path: MANIFEST_NAME.into(),
@@ -408,13 +427,20 @@ pub fn scan(input: &mut dyn Read) -> Result<Scanned> {
     })
 }
 
-/// An [`Unpack`] that only checksums.
+/// An [`Unpack`] that only checksums, and decodes the files of a compressed stream to
+/// checksum what they decode to.
 #[derive(Default)]
 struct Scanner {
     open: HashMap<String, (u64, crc32fast::Hasher)>,
     received: BTreeMap<String, (u64, u32)>,
     manifest: Option<Vec<u8>>,
     manifest_bytes: Vec<u8>,
+    /// The marker said the `.zst` files are compressed by the backup.
+    compressed: bool,
+    begin: Vec<u8>,
+    decoders: HashMap<String, StreamDecoder<std::io::Sink>>,
+    /// Stored name → what it decoded to (size and CRC-32), or why it did not decode.
+    decoded: BTreeMap<String, std::result::Result<(u64, u32), String>>,
 }
 
 impl Unpack for Scanner {
@@ -426,8 +452,22 @@ impl Unpack for Scanner {
             .or_insert_with(|| (0, crc32fast::Hasher::new()));
         *size += data.len() as u64;
         combine_crc(crc, crc32, data.len());
-        if name == MANIFEST_NAME {
-            self.manifest_bytes.extend_from_slice(data);
+        match name.as_str() {
+            MANIFEST_NAME => self.manifest_bytes.extend_from_slice(data),
+            BEGIN_NAME => self.begin.extend_from_slice(data),
+            n if self.compressed && n.ends_with(ZSTD_SUFFIX) && !self.decoded.contains_key(n) => {
+                if !self.decoders.contains_key(n) {
+                    let decoder = StreamDecoder::new(std::io::sink())
+                        .context(|| "cannot start a zstd decoder".into())?;
+                    self.decoders.insert(name.clone(), decoder);
+                }
+                let decoder = self.decoders.get_mut(n).expect("inserted above");
+                if let Err(e) = decoder.write(data) {
+                    self.decoders.remove(n);
+                    self.decoded.insert(name, Err(e.to_string()));
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -440,9 +480,20 @@ impl Unpack for Scanner {
             .unwrap_or((0, crc32fast::Hasher::new()));
         if name == MANIFEST_NAME {
             self.manifest = Some(std::mem::take(&mut self.manifest_bytes));
-        } else {
-            self.received.insert(name, (size, crc.finalize()));
+            return Ok(());
         }
+        if name == BEGIN_NAME && self.received.is_empty() {
+            self.compressed = serde_json::from_slice::<manifest::Begin>(&self.begin)
+                .is_ok_and(|b| b.compression.is_some());
+        }
+        if let Some(decoder) = self.decoders.remove(&name) {
+            let result = decoder
+                .finish()
+                .map(|(_, s, c)| (s, c))
+                .map_err(|e| e.to_string());
+            self.decoded.insert(name.clone(), result);
+        }
+        self.received.insert(name, (size, crc.finalize()));
         Ok(())
     }
 
