@@ -13,7 +13,7 @@ use crate::format::tar::TarWriter;
 use crate::format::xbstream::XbstreamWriter;
 use crate::format::{Encoder, Format};
 use crate::log::human;
-use crate::pipeline::progress::{Bar, JsonLines, LogLines, Progress, Quiet};
+use crate::pipeline::progress::{Bar, Lines, Progress, Quiet};
 use crate::pipeline::{Options, Pipeline};
 use crate::sink::dir::DirSink;
 use crate::sink::stream::StreamSink;
@@ -82,9 +82,9 @@ pub fn run(args: BackupArgs) -> Result<()> {
     };
     let progress: Box<dyn Progress> = match args.progress {
         ProgressMode::Auto if std::io::stderr().is_terminal() => Box::new(Bar::new()),
-        ProgressMode::Auto | ProgressMode::Log => Box::new(LogLines::new()),
+        ProgressMode::Auto | ProgressMode::Log => Box::new(Lines::log()),
         ProgressMode::Bar => Box::new(Bar::new()),
-        ProgressMode::Json => Box::new(JsonLines::new()),
+        ProgressMode::Json => Box::new(Lines::json()),
         ProgressMode::None => Box::new(Quiet),
     };
     let start = Instant::now();

@@ -40,6 +40,12 @@ impl Begin {
         };
         serde_json::to_vec_pretty(&begin).expect("serialisable")
     }
+
+    /// True when a marker (its bytes) says the `.zst` files that follow are compressed by
+    /// the backup.
+    pub fn says_compressed(bytes: &[u8]) -> bool {
+        serde_json::from_slice::<Begin>(bytes).is_ok_and(|b| b.compression.is_some())
+    }
 }
 
 /// What a file is, for reports and for destinations that treat kinds differently.

@@ -1,6 +1,6 @@
-//! How a running backup shows its progress: a live bar on a terminal ([`Bar`]), log lines
-//! in the original tool's style every ten seconds ([`LogLines`]), or one JSON object per
-//! line for monitoring ([`JsonLines`]). The pipeline counts the bytes it reads; the engine
+//! How a running backup shows its progress: a live bar on a terminal ([`Bar`]), or lines
+//! every ten seconds ([`Lines`]): in the original tool's style, or one JSON object per line
+//! for monitoring. The pipeline counts the bytes it reads; the engine
 //! sets the total as soon as a checkpoint tells it (it grows while the server writes).
 
 use std::io::Write;
@@ -58,28 +58,51 @@ impl Counts {
     }
 }
 
-/// Log lines: `Backup Progress: Sent 1.20 GiB of 3.40 GiB (35%), Transfer Speed: ...`.
-pub struct LogLines(Counts);
+/// Lines every ten seconds: in the original tool's words
+/// (`Backup Progress: Sent 1.20 GiB of 3.40 GiB (35%), Transfer Speed: ...`), or one JSON
+/// object per line on stderr, for monitoring.
+pub struct Lines {
+    counts: Counts,
+    json: bool,
+}
 
-impl LogLines {
-    pub fn new() -> LogLines {
-        LogLines(Counts::new())
+impl Lines {
+    pub fn log() -> Lines {
+        Lines {
+            counts: Counts::new(),
+            json: false,
+        }
+    }
+
+    pub fn json() -> Lines {
+        Lines {
+            counts: Counts::new(),
+            json: true,
+        }
     }
 }
 
-impl Default for LogLines {
-    fn default() -> Self {
-        LogLines::new()
-    }
-}
-
-impl Progress for LogLines {
+impl Progress for Lines {
     fn set_total(&self, bytes: u64) {
-        self.0.total.store(bytes, Ordering::Relaxed);
+        self.counts.total.store(bytes, Ordering::Relaxed);
     }
 
     fn add(&self, bytes: u64) {
-        if let Some((done, total, rate, eta)) = self.0.add(bytes) {
+        let Some((done, total, rate, eta)) = self.counts.add(bytes) else {
+            return;
+        };
+        if self.json {
+            let line = serde_json::json!({
+                "progress": {
+                    "bytes": done,
+                    "total_bytes": total,
+                    "bytes_per_sec": rate as u64,
+                    "eta_secs": eta,
+                    "elapsed_secs": self.counts.start.elapsed().as_secs_f64(),
+                }
+            });
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+        } else {
             info!(
                 "Backup Progress: Sent {} of {} ({:.0}%), Transfer Speed: {}/s{}",
                 human(done),
@@ -88,44 +111,6 @@ impl Progress for LogLines {
                 human(rate as u64),
                 eta.map_or(String::new(), |s| format!(", ETA {}", clock(s)))
             );
-        }
-    }
-
-    fn done(&self) {}
-}
-
-/// One JSON object per line on stderr every ten seconds, for monitoring.
-pub struct JsonLines(Counts);
-
-impl JsonLines {
-    pub fn new() -> JsonLines {
-        JsonLines(Counts::new())
-    }
-}
-
-impl Default for JsonLines {
-    fn default() -> Self {
-        JsonLines::new()
-    }
-}
-
-impl Progress for JsonLines {
-    fn set_total(&self, bytes: u64) {
-        self.0.total.store(bytes, Ordering::Relaxed);
-    }
-
-    fn add(&self, bytes: u64) {
-        if let Some((done, total, rate, eta)) = self.0.add(bytes) {
-            let line = serde_json::json!({
-                "progress": {
-                    "bytes": done,
-                    "total_bytes": total,
-                    "bytes_per_sec": rate as u64,
-                    "eta_secs": eta,
-                    "elapsed_secs": self.0.start.elapsed().as_secs_f64(),
-                }
-            });
-            let _ = writeln!(std::io::stderr().lock(), "{line}");
         }
     }
 

@@ -269,8 +269,7 @@ impl Unpack for Extractor {
         if open.name == BEGIN_NAME && self.received.is_empty() && self.may_decode {
             // Our marker, first: it says whether the `.zst` files that follow are ours.
             let begin = fs::read(self.root.join(BEGIN_NAME)).unwrap_or_default();
-            self.compressed = serde_json::from_slice::<manifest::Begin>(&begin)
-                .is_ok_and(|b| b.compression.is_some());
+            self.compressed = manifest::Begin::says_compressed(&begin);
         }
         self.received
             .insert(open.name, (open.written, open.crc.finalize()));
@@ -483,8 +482,7 @@ impl Unpack for Scanner {
             return Ok(());
         }
         if name == BEGIN_NAME && self.received.is_empty() {
-            self.compressed = serde_json::from_slice::<manifest::Begin>(&self.begin)
-                .is_ok_and(|b| b.compression.is_some());
+            self.compressed = manifest::Begin::says_compressed(&self.begin);
         }
         if let Some(decoder) = self.decoders.remove(&name) {
             let result = decoder
