@@ -34,6 +34,9 @@ pub enum Error {
     /// The database server said no, or is not in a state we can back up.
     #[error("{0}")]
     Server(String),
+    /// A transfer over the network failed: the peer refused, vanished or sent bad data.
+    #[error("{0}")]
+    Network(String),
     /// A destination that stopped taking files because of an earlier error (reported first).
     #[error("the backup's destination was closed after an earlier error")]
     Closed,
@@ -50,9 +53,11 @@ impl Error {
             Error::Usage(_) => exit::USAGE,
             Error::Corrupt(_) => exit::CORRUPT,
             Error::Interrupted(_) => exit::INTERRUPTED,
-            Error::Io { .. } | Error::Refused(_) | Error::Server(_) | Error::Closed => {
-                exit::FAILURE
-            }
+            Error::Io { .. }
+            | Error::Refused(_)
+            | Error::Server(_)
+            | Error::Network(_)
+            | Error::Closed => exit::FAILURE,
         }
     }
 

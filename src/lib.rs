@@ -3,8 +3,8 @@
 //! The layout follows the data. [`cmd`] runs one command of the [`cli`]. A backup is driven
 //! by [`engine`] (rounds of checkpoints, then the consistent point), which talks to the
 //! database through [`server`] and hands files to a [`pipeline`] of reader threads and
-//! compression workers, which store them in a [`sink`]: a tar or xbstream stream, or a
-//! directory. [`format`] is what a backup looks like (names, manifest, tar, xbstream);
+//! compression workers, which store them in a [`sink`]: a tar or xbstream stream, a
+//! directory, or a receiver over the network ([`net`]). [`format`] is what a backup looks like (names, manifest, tar, xbstream);
 //! [`restore`] reads backups back: `extract`, `verify`, `info`, `copy-back`, `move-back`.
 //! [`sys`] holds every system call the standard library lacks.
 
@@ -15,6 +15,7 @@ mod engine;
 pub mod error;
 pub mod format;
 pub mod log;
+pub mod net;
 pub mod pipeline;
 mod restore;
 mod server;

@@ -360,11 +360,55 @@ pub unsafe fn scrub_password_args() {
         } else if bytes.starts_with(b"-p") && !bytes.starts_with(b"--") {
             Some(2)
         } else {
-            None
+            // A receiver's URL (`--to mhb://...`): its token is the secret.
+            bytes
+                .windows(6)
+                .position(|w| w == b"token=")
+                .map(|at| at + 6)
         };
         if let Some(from) = secret_from {
             for k in from..bytes.len() {
                 unsafe { *arg.add(k) = b'x' as c_char };
+            }
+        }
+    }
+}
+
+/// Makes unacknowledged data on a TCP connection fail it after `ms` milliseconds, instead of
+/// the kernel's minutes of retransmissions on a dead path.
+pub fn set_tcp_user_timeout(sock: &std::net::TcpStream, ms: u32) {
+    let value = ms as c_int;
+    // SAFETY: a valid socket, and a pointer to an int of the size given.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&value as *const c_int).cast(),
+            std::mem::size_of::<c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Waits up to `timeout` for `fd` to be readable (or closed); true when it is.
+pub fn wait_readable(fd: &impl AsRawFd, timeout: std::time::Duration) -> std::io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as c_int;
+    loop {
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        match n {
+            0 => return Ok(false),
+            n if n > 0 => return Ok(true),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
             }
         }
     }

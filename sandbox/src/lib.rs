@@ -3,6 +3,7 @@
 //! and a private socket, and is shut down and removed when dropped (also when a test
 //! panics). Missing server binaries are a loud failure naming the install command.
 
+pub mod net;
 pub mod workload;
 pub mod zoo;
 

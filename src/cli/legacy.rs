@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 
-use super::{BackupArgs, Command, ConnectionArgs, ProgressMode, RestoreArgs};
+use super::{BackupArgs, Command, ConnectionArgs, ProgressMode, RestoreArgs, SshReceiver};
 use crate::format::Format;
 
 /// The original tool's options, as its scripts pass them.
@@ -86,17 +86,38 @@ impl LegacyArgs {
                 skip_bootstrap: false,
             }));
         }
-        let stream = match self.stream.as_str() {
-            "tar" => Format::Tar,
-            "xbstream" => Format::Xbstream,
+        let (stream, via_ssh) = match self.stream.as_str() {
+            "tar" => (Some(Format::Tar), None),
+            "xbstream" => (Some(Format::Xbstream), None),
             "wdt" => {
-                return Err(usage(
-                    "--stream=wdt needs Facebook's WDT, which this tool does not run; \
-                     use --stream=xbstream or --stream=tar through ssh instead"
-                        .into(),
-                ))
+                // The receiver is this tool's, started over ssh as the original started
+                // WDT's; WDT's own options mean nothing to it.
+                let (Some(host), Some(dir)) = (&self.destination, &self.backup_dir) else {
+                    return Err(LegacyArgs::command().error(
+                        ErrorKind::MissingRequiredArgument,
+                        "--stream=wdt needs --destination (the receiving host) and --backup_dir (the directory there)",
+                    ));
+                };
+                for (flag, value) in [
+                    ("--extra_wdt_sender_options", &self.extra_wdt_sender_options),
+                    (
+                        "--extra_wdt_receiver_options",
+                        &self.extra_wdt_receiver_options,
+                    ),
+                ] {
+                    if value.is_some() {
+                        crate::warn!(
+                            "{flag} is ignored: transfers use this tool's own receiver, not WDT"
+                        );
+                    }
+                }
+                let receiver = SshReceiver {
+                    host: host.clone(),
+                    args: vec!["--target-dir".into(), dir.display().to_string()],
+                };
+                (None, Some(receiver))
             }
-            other => return Err(usage(format!("--stream={other}: use tar or xbstream"))),
+            other => return Err(usage(format!("--stream={other}: use tar, xbstream or wdt"))),
         };
         // The original connected over TCP to 127.0.0.1 unless given a socket.
         let host = self.socket.is_none().then(|| "127.0.0.1".to_string());
@@ -110,8 +131,11 @@ impl LegacyArgs {
                 defaults_file: self.defaults_file,
                 ..ConnectionArgs::default()
             },
-            stream: Some(stream),
+            stream,
             target_dir: None,
+            to: None,
+            streams: None,
+            via_ssh,
             parallel: None,
             compress: None,
             compress_threads: None,

@@ -30,11 +30,20 @@ Examples:
   Check a backup against its manifest, and see what it holds:
     myrocks-hotbackup verify /backups/today && myrocks-hotbackup info /backups/today
 
+  Send a backup over the network: start a receiver on the other host, which prints its
+  URL once, and give the URL to the backup through a file (it holds a secret):
+    db2$ myrocks-hotbackup receive --target-dir /backups/today > /tmp/url
+    db1$ myrocks-hotbackup backup --to @/tmp/url        (or: ssh db2 cat /tmp/url | ... --to -)
+
+  Copy this server onto another host over ssh, restored and ready to start as a replica:
+    myrocks-hotbackup clone --to-host db2 --datadir /var/lib/mysql
+
   Restore into an empty datadir, then start the server on it:
     myrocks-hotbackup move-back --backup-dir /backups/today --datadir /var/lib/mysql
 
 The original tool's flags work unchanged, without a subcommand:
     myrocks-hotbackup --user=root --stream=xbstream --checkpoint_dir=/data/snap > backup.xb
+    myrocks-hotbackup --stream=wdt --destination=db2 --backup_dir=/backups/today
     myrocks-hotbackup --move_back --datadir=D --rocksdb_datadir=D/#rocksdb --rocksdb_waldir=D/#rocksdb --backup_dir=B
 
 Credentials are read as the MySQL client tools read them: --password, MYSQL_PWD, then the
@@ -75,6 +84,12 @@ pub enum Command {
     CopyBack(RestoreArgs),
     /// Unpack a tar or xbstream stream into a directory, verifying it as it goes
     Extract(ExtractArgs),
+    /// Receive a backup sent over the network (`backup --to`) into a directory; prints the
+    /// URL to send to, once, on stdout
+    Receive(ReceiveArgs),
+    /// Copy this server onto another host over ssh, restored and ready to start as a replica
+    #[command(disable_help_flag = true)]
+    Clone(CloneArgs),
 }
 
 /// How to reach the server. Values not given here come from MYSQL_PWD and option files.
@@ -127,11 +142,21 @@ pub struct BackupArgs {
     #[command(flatten)]
     pub conn: ConnectionArgs,
     /// Archive format written to stdout [default: tar]
-    #[arg(short = 's', long, value_enum, conflicts_with = "target_dir")]
+    #[arg(short = 's', long, value_enum, conflicts_with_all = ["target_dir", "to"])]
     pub stream: Option<Format>,
     /// Write the backup as a directory tree into DIR (new, or empty) instead of to stdout
-    #[arg(short = 't', long, value_name = "DIR")]
+    #[arg(short = 't', long, value_name = "DIR", conflicts_with = "to")]
     pub target_dir: Option<PathBuf>,
+    /// Send the backup to a receiver (`myrocks-hotbackup receive`), its URL read from FILE
+    /// (`@FILE`) or from standard input (`-`). The URL holds a secret: never pass it here
+    #[arg(long, value_name = "@FILE|-")]
+    pub to: Option<String>,
+    /// Connections to the receiver [default: as many as the receiver asks for, 8]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub streams: Option<u16>,
+    /// A receiver to start over ssh and send to (`--stream=wdt`, `clone`).
+    #[arg(skip)]
+    pub via_ssh: Option<SshReceiver>,
     /// Files read and written at once [default: the number of CPUs, from 2 to 8]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub parallel: Option<u16>,
@@ -180,6 +205,141 @@ pub struct BackupArgs {
     /// Print help
     #[arg(long, action = ArgAction::Help)]
     help: Option<bool>,
+}
+
+/// A receiver started on `host` over ssh with `receive ARGS`.
+#[derive(Debug, Clone, Default)]
+pub struct SshReceiver {
+    pub host: String,
+    pub args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ReceiveArgs {
+    /// Directory to receive into: new, empty, or that of an interrupted transfer (resumed)
+    #[arg(short = 't', long, value_name = "DIR")]
+    pub target_dir: PathBuf,
+    /// Where to listen: IP, IP:PORT or :PORT [default: every address, a free port]
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub listen: Option<String>,
+    /// Connections the sender should open
+    #[arg(long, value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub streams: u16,
+    /// Seconds to wait for a sender, at first and after one went away
+    #[arg(long, value_name = "SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub wait: u64,
+    /// Once the backup is received and verified, restore it into this datadir (as
+    /// move-back does) and write replica-setup.sql beside it
+    #[arg(long, value_name = "DATADIR")]
+    pub restore_to: Option<PathBuf>,
+    /// With --restore-to: target for RocksDB data files [default: DATADIR/#rocksdb]
+    #[arg(long, value_name = "DIR", requires = "restore_to")]
+    pub rocksdb_datadir: Option<PathBuf>,
+    /// With --restore-to: target for RocksDB WAL files [default: the RocksDB data directory]
+    #[arg(long, value_name = "DIR", requires = "restore_to")]
+    pub rocksdb_waldir: Option<PathBuf>,
+    /// With --restore-to: the server's option file, for the restore's bootstrap
+    #[arg(long, value_name = "FILE", requires = "restore_to")]
+    pub defaults_file: Option<PathBuf>,
+    /// With --restore-to: the server binary for the restore's bootstrap
+    #[arg(long, value_name = "PATH", requires = "restore_to")]
+    pub mariadbd: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CloneArgs {
+    #[command(flatten)]
+    pub conn: ConnectionArgs,
+    /// The host to make the copy on, reached with ssh ([USER@]HOST)
+    #[arg(long, value_name = "HOST")]
+    pub to_host: String,
+    /// The datadir to create there (absent or empty)
+    #[arg(long, value_name = "DIR")]
+    pub datadir: PathBuf,
+    /// Target for RocksDB WAL files there [default: the RocksDB data directory]
+    #[arg(long, value_name = "DIR")]
+    pub rocksdb_waldir: Option<PathBuf>,
+    /// Where the backup lands there before it is moved into place
+    /// [default: DATADIR.receiving, on the datadir's filesystem]
+    #[arg(long, value_name = "DIR")]
+    pub staging_dir: Option<PathBuf>,
+    /// Where to read this server's table files, if not at the path the server reports
+    #[arg(long, value_name = "DIR")]
+    pub source_datadir: Option<PathBuf>,
+    /// Files read at once [default: the number of CPUs, from 2 to 8]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel: Option<u16>,
+    /// Connections to the receiver
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub streams: Option<u16>,
+    /// Cap the rate at which the backup reads files, in MiB per second
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub avg_mbytes_per_sec: Option<u64>,
+    /// How to show progress
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: ProgressMode,
+    /// Where the temporary checkpoints go
+    #[arg(short = 'c', long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Seconds after which a checkpoint is renewed
+    #[arg(short = 'i', long, value_name = "SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub interval: u64,
+    /// Back up although user tables use InnoDB: leave them out
+    #[arg(long)]
+    pub skip_innodb_tables: bool,
+    /// Print help
+    #[arg(long, action = ArgAction::Help)]
+    help: Option<bool>,
+}
+
+impl CloneArgs {
+    /// The backup that sends to a receiver started on the other host with `--restore-to`.
+    pub fn into_backup(self) -> BackupArgs {
+        let staging = self.staging_dir.unwrap_or_else(|| {
+            let mut name = self.datadir.clone().into_os_string();
+            name.push(".receiving");
+            PathBuf::from(name)
+        });
+        let mut args = vec![
+            "--target-dir".to_string(),
+            staging.display().to_string(),
+            "--restore-to".to_string(),
+            self.datadir.display().to_string(),
+            "--wait".to_string(),
+            "120".to_string(),
+        ];
+        if let Some(w) = &self.rocksdb_waldir {
+            args.extend(["--rocksdb-waldir".to_string(), w.display().to_string()]);
+        }
+        BackupArgs {
+            conn: self.conn,
+            stream: None,
+            target_dir: None,
+            to: None,
+            streams: self.streams,
+            via_ssh: Some(SshReceiver {
+                host: self.to_host,
+                args,
+            }),
+            parallel: self.parallel,
+            compress: None,
+            compress_threads: None,
+            avg_mbytes_per_sec: self.avg_mbytes_per_sec,
+            progress: self.progress,
+            report: None,
+            checkpoint_dir: self.checkpoint_dir,
+            interval: self.interval,
+            datadir: self.source_datadir,
+            lock_wait_timeout: 60,
+            skip_innodb_tables: self.skip_innodb_tables,
+            skip_check_frm_timestamp: false,
+            debug_signal_file: None,
+            help: None,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -274,6 +434,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, clap::
                 | "extract"
                 | "verify"
                 | "info"
+                | "receive"
+                | "clone"
                 | "help"
                 | "-h"
                 | "--help"
@@ -374,10 +536,26 @@ mod tests {
     }
 
     #[test]
-    fn wdt_is_refused_with_an_explanation() {
-        let err = parse_strs(&["--stream=wdt", "--destination=h", "--backup_dir=/b"]).unwrap_err();
+    fn wdt_starts_a_receiver_over_ssh() {
+        let Command::Backup(b) = parse_strs(&[
+            "--stream=wdt",
+            "--destination=db2",
+            "--backup_dir=/b",
+            "--avg_mbytes_per_sec=50",
+            "--extra_wdt_sender_options=-num_ports 4",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        let ssh = b.via_ssh.unwrap();
+        assert_eq!(
+            (ssh.host.as_str(), ssh.args.as_slice()),
+            ("db2", &["--target-dir".to_string(), "/b".into()][..])
+        );
+        assert_eq!((b.stream, b.avg_mbytes_per_sec), (None, Some(50)));
+        let err = parse_strs(&["--stream=wdt", "--backup_dir=/b"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
-        assert!(err.to_string().contains("WDT"), "{err}");
+        assert!(err.to_string().contains("--destination"), "{err}");
     }
 
     #[test]

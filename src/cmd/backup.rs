@@ -13,12 +13,56 @@ use crate::format::tar::TarWriter;
 use crate::format::xbstream::XbstreamWriter;
 use crate::format::{Encoder, Format};
 use crate::log::human;
+use crate::net::ssh::RemoteReceiver;
+use crate::net::Url;
 use crate::pipeline::progress::{Bar, Lines, Progress, Quiet};
 use crate::pipeline::{Options, Pipeline};
 use crate::sink::dir::DirSink;
+use crate::sink::net::{Figures, NetSink};
 use crate::sink::stream::StreamSink;
 use crate::sink::Sink;
-use crate::{engine, info};
+use crate::{engine, info, warn};
+
+/// Where the backup goes.
+enum Destination {
+    Dir(DirSink),
+    Stream(StreamSink),
+    /// A receiver, and the ssh session that started it, if this run did.
+    Net(Box<NetSink>, Option<RemoteReceiver>),
+}
+
+impl Destination {
+    fn sink(&self) -> &dyn Sink {
+        match self {
+            Destination::Dir(s) => s,
+            Destination::Stream(s) => s,
+            Destination::Net(s, _) => &**s,
+        }
+    }
+}
+
+/// The receiver's URL from `--to`: `@FILE`, `-` (standard input), or, discouraged, itself.
+fn read_url(to: &str) -> Result<Url> {
+    let text = match to {
+        "-" => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context(|| "cannot read the receiver's URL from standard input".into())?;
+            line
+        }
+        _ => match to.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path)
+                .with_path("read the receiver's URL from", std::path::Path::new(path))?,
+            None => {
+                warn!("the receiver's URL was given on the command line, where other users of this host may read it: pass it as --to @FILE or --to - instead");
+                to.to_string()
+            }
+        },
+    };
+    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    Url::parse(line)
+}
 
 /// The `--report` file: the backup's summary, and how fast it went.
 #[derive(Serialize)]
@@ -26,6 +70,9 @@ struct Report<'a> {
     #[serde(flatten)]
     summary: &'a Summary,
     destination: String,
+    /// Transfer figures of a backup sent to a receiver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network: Option<Figures>,
     duration_secs: f64,
     bytes_per_sec: f64,
     /// CPU seconds (user and system) of the backup process.
@@ -69,17 +116,29 @@ pub fn run(args: BackupArgs) -> Result<()> {
         compress_threads,
         bytes_per_sec: args.avg_mbytes_per_sec.map(|m| m << 20),
     };
-    let sink: Box<dyn Sink> = match &args.target_dir {
-        Some(dir) => Box::new(DirSink::create(dir)?),
-        None => {
+    let streams = args.streams.map(usize::from);
+    let destination = match (&args.target_dir, &args.to, &args.via_ssh) {
+        (Some(dir), _, _) => Destination::Dir(DirSink::create(dir)?),
+        (None, Some(to), _) => {
+            Destination::Net(Box::new(NetSink::connect(&read_url(to)?, streams)?), None)
+        }
+        (None, None, Some(ssh)) => {
+            let remote = RemoteReceiver::start(&ssh.host, &ssh.args)?;
+            Destination::Net(
+                Box::new(NetSink::connect(&remote.url, streams)?),
+                Some(remote),
+            )
+        }
+        (None, None, None) => {
             let out = super::stdio::stdout()?;
             let encoder: Box<dyn Encoder> = match format {
                 Format::Tar => Box::new(TarWriter::new(out)),
                 Format::Xbstream => Box::new(XbstreamWriter::new(out)),
             };
-            Box::new(StreamSink::new(encoder, parallel))
+            Destination::Stream(StreamSink::new(encoder, parallel))
         }
     };
+    let sink = destination.sink();
     let progress: Box<dyn Progress> = match args.progress {
         ProgressMode::Auto if std::io::stderr().is_terminal() => Box::new(Bar::new()),
         ProgressMode::Auto | ProgressMode::Log => Box::new(Lines::log()),
@@ -88,7 +147,7 @@ pub fn run(args: BackupArgs) -> Result<()> {
         ProgressMode::None => Box::new(Quiet),
     };
     let start = Instant::now();
-    let pipeline = Pipeline::new(&*sink, options, &*progress, cancel.clone());
+    let pipeline = Pipeline::new(sink, options, &*progress, cancel.clone());
     let result = engine::run(&args, pipeline, &*progress, cancel);
     progress.done();
     let manifest = match result {
@@ -103,6 +162,23 @@ pub fn run(args: BackupArgs) -> Result<()> {
                 (e, _) => e,
             });
         }
+    };
+    let (network, destination_name) = match destination {
+        Destination::Net(net, remote) => {
+            let name = format!("receiver {}:{}", net.url().host, net.url().port);
+            let figures = net.figures();
+            drop(net);
+            if let Some(remote) = remote {
+                remote.wait()?;
+            }
+            (Some(figures), name)
+        }
+        Destination::Dir(_) | Destination::Stream(_) => (
+            None,
+            args.target_dir
+                .as_ref()
+                .map_or("stdout".into(), |d| d.display().to_string()),
+        ),
     };
     let secs = start.elapsed().as_secs_f64();
     let value = serde_json::to_value(&manifest.backup).expect("serialisable");
@@ -134,10 +210,8 @@ pub fn run(args: BackupArgs) -> Result<()> {
             cpu_secs,
             peak_memory_bytes,
             summary: &summary,
-            destination: args
-                .target_dir
-                .as_ref()
-                .map_or("stdout".into(), |d| d.display().to_string()),
+            destination: destination_name,
+            network,
             duration_secs: secs,
             bytes_per_sec: summary.bytes as f64 / secs.max(1e-3),
         };

@@ -4,6 +4,7 @@
 mod backup;
 mod extract;
 mod info;
+mod receive;
 mod stdio;
 mod verify;
 
@@ -21,6 +22,8 @@ pub fn run(command: Command) -> Result<()> {
         Command::Extract(args) => extract::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Info(args) => info::run(args),
+        Command::Receive(args) => receive::run(args),
+        Command::Clone(args) => backup::run(args.into_backup()),
     }
 }
 

@@ -708,6 +708,7 @@ mod tests {
         let server = ServerInfo {
             version: String::new(),
             hostname: String::new(),
+            port: None,
             datadir: d.path().to_path_buf(),
             rocksdb_datadir: rocks.clone(),
             rocksdb_wal_dir: rocks.clone(),

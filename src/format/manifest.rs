@@ -107,6 +107,17 @@ pub struct Original {
 }
 
 impl FileRecord {
+    /// The record of bytes made in memory (the backup's own metadata).
+    pub fn of_bytes(path: &str, data: &[u8]) -> FileRecord {
+        FileRecord {
+            path: path.to_string(),
+            size: data.len() as u64,
+            crc32: crc32fast::hash(data),
+            kind: Kind::Metadata,
+            original: None,
+        }
+    }
+
     /// The path the file has once restored (without a compression suffix).
     pub fn restored_path(&self) -> &str {
         self.original.as_ref().map_or(&self.path, |o| &o.path)

@@ -54,6 +54,8 @@ pub struct FileMeta {
     pub mtime: i64,
     pub uid: u32,
     pub gid: u32,
+    /// What the file is: sinks decide by kind, never by name (only SSTs are immutable).
+    pub kind: manifest::Kind,
 }
 
 impl FileMeta {
@@ -67,6 +69,7 @@ impl FileMeta {
             mtime: crate::log::unix_now(),
             uid,
             gid,
+            kind: manifest::Kind::Metadata,
         }
     }
 }

@@ -355,7 +355,7 @@ mod tests {
         fn max_in_flight(&self) -> usize {
             usize::MAX
         }
-        fn lookup(&self, meta: &FileMeta) -> Result<Option<FileRecord>> {
+        fn lookup(&self, meta: &FileMeta, _size: u64) -> Result<Option<FileRecord>> {
             Ok(self.held.contains(&meta.path).then(|| FileRecord {
                 path: meta.path.clone(),
                 size: meta.size.unwrap_or_default(),
@@ -381,7 +381,7 @@ mod tests {
             self.2.extend_from_slice(&chunk.data);
             Ok(())
         }
-        fn finish(self: Box<Self>) -> Result<()> {
+        fn finish(self: Box<Self>, _record: &FileRecord) -> Result<()> {
             lock(&self.0.files).push((self.1, self.2));
             Ok(())
         }

@@ -77,8 +77,9 @@ fn store_file(
         mtime: md.mtime(),
         uid: md.uid(),
         gid: md.gid(),
+        kind,
     };
-    if let Some(record) = ctx.sink.lookup(&meta)? {
+    if let Some(record) = ctx.sink.lookup(&meta, size)? {
         ctx.progress.add(size);
         return Ok(record);
     }
@@ -143,6 +144,7 @@ fn store_file(
 fn store_bytes(name: &str, kind: Kind, bytes: &[u8], ctx: &Ctx) -> Result<FileRecord> {
     let compress = ctx.compress.is_some() && compressible(kind);
     let mut meta = FileMeta::generated(&stored_name(name, compress), bytes.len() as u64);
+    meta.kind = kind;
     if compress {
         meta.size = None;
     }
@@ -265,18 +267,19 @@ impl<'a> Writer<'a> {
             stored_crc,
             ..
         } = self;
-        file.finish()?;
         let original = compress.then(|| Original {
             path: name.to_string(),
             size,
             crc32: crc.clone().finalize(),
         });
-        Ok(FileRecord {
+        let record = FileRecord {
             path: stored_name(name, compress),
             size: stored_size,
             crc32: stored_crc.finalize(),
             kind,
             original,
-        })
+        };
+        file.finish(&record)?;
+        Ok(record)
     }
 }

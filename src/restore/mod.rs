@@ -316,7 +316,7 @@ fn is_rocksdb_file(name: &str) -> bool {
 }
 
 /// A target must be empty; `lost+found` (a target that is a filesystem's root) is allowed.
-fn check_empty(dir: &Path) -> Result<()> {
+pub fn check_empty(dir: &Path) -> Result<()> {
     match fs::read_dir(dir) {
         Ok(mut entries) => match entries
             .find(|e| !e.as_ref().is_ok_and(|e| e.file_name() == "lost+found"))

@@ -22,6 +22,9 @@ use crate::{info, warn};
 pub struct ServerInfo {
     pub version: String,
     pub hostname: String,
+    /// `@@port`: where a replica of the restored copy connects.
+    #[serde(default)]
+    pub port: Option<u16>,
     pub datadir: PathBuf,
     pub rocksdb_datadir: PathBuf,
     pub rocksdb_wal_dir: PathBuf,
@@ -325,6 +328,10 @@ impl Server {
         let innodb = self.value(
             "SELECT SUPPORT IN ('YES', 'DEFAULT') FROM information_schema.ENGINES WHERE ENGINE = 'InnoDB'",
         )?;
+        let port = self
+            .value("SELECT @@port")?
+            .and_then(|p| p.parse().ok())
+            .filter(|&p: &u16| p > 0);
         // Unknown (an older plugin): assume the worst.
         let mut rocksdb_flag = |name: &str| -> Result<bool> {
             Ok(self
@@ -338,6 +345,7 @@ impl Server {
         Ok(ServerInfo {
             version,
             hostname,
+            port,
             datadir: normalize(&datadir),
             rocksdb_datadir: normalize(&rocksdb_datadir),
             rocksdb_wal_dir: normalize(&rocksdb_wal_dir),

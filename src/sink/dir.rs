@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use super::{Chunk, Sink, SinkFile};
 use crate::error::{Error, IoContext, Result};
 use crate::format::layout::MANIFEST_NAME;
+use crate::format::manifest::FileRecord;
 use crate::format::{safe_components, FileMeta};
 
 /// Written data that may wait in the page cache before it is handed to the disk.
@@ -130,58 +131,17 @@ impl Sink for DirSink {
                 .and_then(|d| d.sync_all())
                 .with_path("sync", dir)?;
         }
-        let partial = self.root.join(format!(".{MANIFEST_NAME}.partial"));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o640)
-            .open(&partial)
-            .with_path("create", &partial)?;
-        self.files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(partial.clone());
-        f.write_all(manifest)
-            .and_then(|()| f.sync_all())
-            .with_path("write", &partial)?;
-        let target = self.root.join(MANIFEST_NAME);
-        match crate::sys::rename_noreplace(&partial, &target) {
-            Ok(()) => {}
-            // NFS, older ZFS and FUSE filesystems lack RENAME_NOREPLACE. The directory is
-            // this backup's alone: a plain rename, unless a manifest is somehow there.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                ) && !target.exists() =>
-            {
-                fs::rename(&partial, &target).with_path("rename the manifest to", &target)?;
-            }
-            Err(e) => {
-                return Err(Error::io(
-                    format!("cannot rename the manifest to {}", target.display()),
-                    e,
-                ))
-            }
+        {
+            let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+            files.push(partial_manifest(&self.root));
+            files.push(self.root.join(MANIFEST_NAME));
         }
-        self.files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(target);
-        let mut synced = vec![self.root.clone()];
+        publish_manifest(&self.root, manifest)?;
         if self.created_root {
             // The new directory's own entry, in its parent.
-            synced.extend(
-                self.root
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .map(Path::to_path_buf),
-            );
-        }
-        for dir in synced {
-            File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .with_path("sync", &dir)?;
+            if let Some(parent) = self.root.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
         }
         Ok(())
     }
@@ -212,6 +172,53 @@ impl Sink for DirSink {
         }
         None
     }
+}
+
+fn partial_manifest(root: &Path) -> PathBuf {
+    root.join(format!(".{MANIFEST_NAME}.partial"))
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_path("sync", dir)
+}
+
+/// Makes a backup directory complete: writes its manifest under a temporary name, syncs it,
+/// renames it into place (never over another) and syncs the directory. The files it lists
+/// and their directories must be synced already.
+pub fn publish_manifest(root: &Path, manifest: &[u8]) -> Result<()> {
+    let partial = partial_manifest(root);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(&partial)
+        .with_path("create", &partial)?;
+    f.write_all(manifest)
+        .and_then(|()| f.sync_all())
+        .with_path("write", &partial)?;
+    let target = root.join(MANIFEST_NAME);
+    match crate::sys::rename_noreplace(&partial, &target) {
+        Ok(()) => {}
+        // NFS, older ZFS and FUSE filesystems lack RENAME_NOREPLACE. The directory is
+        // this backup's alone: a plain rename, unless a manifest is somehow there.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+            ) && !target.exists() =>
+        {
+            fs::rename(&partial, &target).with_path("rename the manifest to", &target)?;
+        }
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot rename the manifest to {}", target.display()),
+                e,
+            ))
+        }
+    }
+    sync_dir(root)
 }
 
 struct DirFile {
@@ -257,7 +264,7 @@ impl SinkFile for DirFile {
         Ok(())
     }
 
-    fn finish(self: Box<Self>) -> Result<()> {
+    fn finish(self: Box<Self>, _record: &FileRecord) -> Result<()> {
         let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(self.mtime.max(0) as u64);
         self.file
             .set_permissions(fs::Permissions::from_mode(self.mode))
@@ -283,7 +290,7 @@ mod tests {
             crc32: crc32fast::hash(data),
         })
         .unwrap();
-        f.finish().unwrap();
+        f.finish(&FileRecord::of_bytes(path, data)).unwrap();
     }
 
     #[test]

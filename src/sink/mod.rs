@@ -7,6 +7,7 @@
 //! stores the manifest last, or an abort.
 
 pub mod dir;
+pub mod net;
 pub mod stream;
 
 use crate::error::{Error, Result};
@@ -26,9 +27,10 @@ pub trait Sink: Sync {
     /// a file while another is being written reads ahead, into bounded buffers.
     fn max_in_flight(&self) -> usize;
 
-    /// The record of a file the sink already holds (same name and size), so that it is not
-    /// read again: an object-store repository holds the SSTs of earlier backups.
-    fn lookup(&self, _meta: &FileMeta) -> Result<Option<FileRecord>> {
+    /// The record of a file the sink already holds (same name, kind and `size`, the size
+    /// before any compression), so that it is not read again: a receiver resuming holds
+    /// the SSTs of an interrupted transfer, a repository those of earlier backups.
+    fn lookup(&self, _meta: &FileMeta, _size: u64) -> Result<Option<FileRecord>> {
         Ok(None)
     }
 
@@ -46,6 +48,7 @@ pub trait Sink: Sync {
 /// One file being stored.
 pub trait SinkFile: Send {
     fn write(&mut self, chunk: Chunk) -> Result<()>;
-    /// Returns once the sink holds the whole file safely.
-    fn finish(self: Box<Self>) -> Result<()>;
+    /// Returns once the sink holds the whole file safely; `record` describes what was
+    /// written (size and CRC-32 of the stored bytes, and of the original when compressed).
+    fn finish(self: Box<Self>, record: &FileRecord) -> Result<()>;
 }

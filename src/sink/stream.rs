@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use super::{Chunk, Sink, SinkFile};
 use crate::error::{Error, Result};
 use crate::format::layout::MANIFEST_NAME;
+use crate::format::manifest::FileRecord;
 use crate::format::{Encoder, FileMeta};
 use crate::pipeline::{Buf, QUEUED_CHUNKS};
 
@@ -140,7 +141,7 @@ impl Sink for StreamSink {
             data: Buf::from_vec(manifest.to_vec()),
             crc32,
         })?;
-        file.finish()?;
+        file.finish(&FileRecord::of_bytes(MANIFEST_NAME, manifest))?;
         match self.close() {
             None => Ok(()),
             Some(e) => Err(e),
@@ -165,7 +166,7 @@ impl SinkFile for StreamFile<'_> {
             .map_err(|_| self.sink.failure())
     }
 
-    fn finish(self: Box<Self>) -> Result<()> {
+    fn finish(self: Box<Self>, _record: &FileRecord) -> Result<()> {
         self.pieces
             .send(Piece::End)
             .map_err(|_| self.sink.failure())?;
@@ -216,7 +217,7 @@ mod tests {
                         data: Buf::from_vec(data.clone()),
                         crc32: crc32fast::hash(&data),
                     })?;
-                    f.finish()
+                    f.finish(&FileRecord::of_bytes("f", &data))
                 });
             if let Err(e) = result {
                 failed = Some(e);

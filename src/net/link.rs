@@ -1,0 +1,203 @@
+//! One TLS connection carrying frames: a kind byte, a 32-bit little-endian length, then the
+//! body. One thread drives each connection, sending and receiving in turn, so the TLS state
+//! is never shared; sockets fail on a dead path within [`DEAD_AFTER`].
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
+
+/// Quiet time after which a side sends a heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Silence (or unacknowledged bytes) after which a connection is declared dead.
+pub const DEAD_AFTER: Duration = Duration::from_secs(8);
+/// Time a connection or its handshake may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest frame body accepted: a block and its header.
+const MAX_FRAME: usize = 64 << 20;
+/// Plaintext handed to TLS at a time, so that its buffers stay small.
+const PIECE: usize = 64 << 10;
+
+pub struct Frame {
+    pub kind: u8,
+    pub body: Vec<u8>,
+}
+
+pub struct Link {
+    tls: Connection,
+    sock: TcpStream,
+    inbuf: Vec<u8>,
+    pub peer: SocketAddr,
+    pub last_sent: Instant,
+    pub last_heard: Instant,
+}
+
+fn tune(sock: &TcpStream) -> io::Result<()> {
+    sock.set_nodelay(true)?;
+    crate::sys::set_tcp_user_timeout(sock, DEAD_AFTER.as_millis() as u32);
+    sock.set_write_timeout(Some(DEAD_AFTER))?;
+    Ok(())
+}
+
+impl Link {
+    /// Connects to a receiver and completes the handshake (which checks its key).
+    pub fn connect(addr: SocketAddr, config: Arc<ClientConfig>) -> io::Result<Link> {
+        let sock = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+        let tls = ClientConnection::new(config, super::tls::server_name())
+            .map_err(|e| io::Error::new(ErrorKind::InvalidData, e))?;
+        Link::handshake(sock, tls.into(), addr)
+    }
+
+    /// Completes the handshake of a connection a receiver accepted.
+    pub fn accept(sock: TcpStream, config: Arc<ServerConfig>) -> io::Result<Link> {
+        let peer = sock.peer_addr()?;
+        let tls =
+            ServerConnection::new(config).map_err(|e| io::Error::new(ErrorKind::InvalidData, e))?;
+        Link::handshake(sock, tls.into(), peer)
+    }
+
+    fn handshake(mut sock: TcpStream, mut tls: Connection, peer: SocketAddr) -> io::Result<Link> {
+        tune(&sock)?;
+        sock.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+        while tls.is_handshaking() {
+            match tls.complete_io(&mut sock) {
+                Ok(_) => {}
+                Err(e) => {
+                    // Tell the peer why (an alert), if the socket still takes it.
+                    let _ = tls.write_tls(&mut sock);
+                    return Err(e);
+                }
+            }
+        }
+        while tls.wants_write() {
+            tls.write_tls(&mut sock)?;
+        }
+        sock.set_read_timeout(None)?;
+        Ok(Link {
+            tls,
+            sock,
+            inbuf: Vec::new(),
+            peer,
+            last_sent: Instant::now(),
+            last_heard: Instant::now(),
+        })
+    }
+
+    /// The fingerprint of the key the peer proved it holds.
+    pub fn peer_fingerprint(&self) -> Option<String> {
+        self.tls
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| super::tls::fingerprint(c))
+    }
+
+    /// Sends one frame whose body is the concatenation of `parts`.
+    pub fn send(&mut self, kind: u8, parts: &[&[u8]]) -> io::Result<()> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut header = [0u8; 5];
+        header[0] = kind;
+        header[1..].copy_from_slice(&(len as u32).to_le_bytes());
+        self.put(&header)?;
+        for part in parts {
+            for piece in part.chunks(PIECE) {
+                self.put(piece)?;
+            }
+        }
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.tls.writer().write_all(bytes)?;
+        while self.tls.wants_write() {
+            self.tls.write_tls(&mut self.sock)?;
+        }
+        Ok(())
+    }
+
+    /// The next frame, if one arrives within `timeout`.
+    pub fn recv(&mut self, timeout: Duration) -> io::Result<Option<Frame>> {
+        let deadline = Instant::now() + timeout;
+        // Records read along with the handshake, or with an earlier frame, come first.
+        let mut fresh = true;
+        loop {
+            if let Some(frame) = self.take_frame()? {
+                return Ok(Some(frame));
+            }
+            if !fresh {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                if !crate::sys::wait_readable(&self.sock, wait)? {
+                    return Ok(None);
+                }
+                match self.tls.read_tls(&mut self.sock) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            ErrorKind::UnexpectedEof,
+                            "the peer closed the connection",
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            fresh = false;
+            let state = match self.tls.process_new_packets() {
+                Ok(state) => state,
+                Err(e) => {
+                    let _ = self.tls.write_tls(&mut self.sock);
+                    return Err(io::Error::new(ErrorKind::InvalidData, e));
+                }
+            };
+            let available = state.plaintext_bytes_to_read();
+            let closed = state.peer_has_closed();
+            if available > 0 {
+                let start = self.inbuf.len();
+                self.inbuf.resize(start + available, 0);
+                self.tls.reader().read_exact(&mut self.inbuf[start..])?;
+            }
+            while self.tls.wants_write() {
+                self.tls.write_tls(&mut self.sock)?;
+            }
+            if closed && available == 0 && self.inbuf.len() < 5 {
+                return Err(io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the peer closed the connection",
+                ));
+            }
+        }
+    }
+
+    fn take_frame(&mut self) -> io::Result<Option<Frame>> {
+        if self.inbuf.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(self.inbuf[1..5].try_into().expect("4 bytes")) as usize;
+        if len > MAX_FRAME {
+            return Err(io::Error::new(
+                ErrorKind::InvalidData,
+                format!("a frame of {len} bytes is larger than any the protocol sends"),
+            ));
+        }
+        if self.inbuf.len() < 5 + len {
+            return Ok(None);
+        }
+        self.last_heard = Instant::now();
+        let kind = self.inbuf[0];
+        let body = self.inbuf[5..5 + len].to_vec();
+        self.inbuf.drain(..5 + len);
+        Ok(Some(Frame { kind, body }))
+    }
+
+    /// Ends the connection politely (the peer sees a close, not a reset).
+    pub fn close(mut self) {
+        self.tls.send_close_notify();
+        while self.tls.wants_write() {
+            if self.tls.write_tls(&mut self.sock).is_err() {
+                break;
+            }
+        }
+    }
+}

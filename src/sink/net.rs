@@ -1,0 +1,651 @@
+//! A receiver over the network as a sink. The chunks of every file go into one queue that N
+//! connection threads drain, so one large SST travels over all connections at once. Each
+//! connection keeps at most [`WINDOW`] bytes unacknowledged; when a connection dies, its
+//! unacknowledged blocks go back to the queue and it reconnects (the other connections
+//! carry on), so a cut path costs at most one window per connection sent twice. A file is
+//! held once the receiver says it synced and checked it; the manifest goes last.
+//!
+//! A receiver that already holds files (a transfer resumed) says so when a sender connects:
+//! SSTs it holds whole are not read at all, and blocks of a file it holds in part are not
+//! sent again when their offset, length and CRC-32 match.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use rustls::ClientConfig;
+
+use super::{Chunk, Sink, SinkFile};
+use crate::error::{Error, Result};
+use crate::format::manifest::{FileRecord, Kind};
+use crate::format::FileMeta;
+use crate::net::link::{Frame, Link, DEAD_AFTER, HEARTBEAT};
+use crate::net::proto::{self, BlockHeader, Committed, FileDone, Hello, Refused, Welcome};
+use crate::net::tls::{self, Identity};
+use crate::net::Url;
+use crate::pipeline::Buf;
+use crate::{info, warn};
+
+/// Bytes a connection may have sent and not yet seen acknowledged.
+pub const WINDOW: usize = 4 << 20;
+/// Connections when neither side says.
+pub const DEFAULT_STREAMS: usize = 8;
+/// How long a connection keeps trying to reconnect before the transfer fails.
+const RECONNECT_FOR: Duration = Duration::from_secs(60);
+/// How long a sender waits for another one to finish with the receiver.
+const BUSY_FOR: Duration = Duration::from_secs(15);
+
+enum Out {
+    Block {
+        id: u64,
+        path: Arc<str>,
+        offset: u64,
+        crc32: u32,
+        data: Buf,
+    },
+    End {
+        id: u64,
+        record: Vec<u8>,
+    },
+    Commit {
+        id: u64,
+        manifest: Arc<Vec<u8>>,
+    },
+}
+
+impl Out {
+    fn id(&self) -> u64 {
+        match self {
+            Out::Block { id, .. } | Out::End { id, .. } | Out::Commit { id, .. } => *id,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Out::Block { data, .. } => data.len(),
+            Out::End { record, .. } => record.len(),
+            Out::Commit { manifest, .. } => manifest.len(),
+        }
+    }
+
+    fn send(&self, link: &mut Link) -> std::io::Result<()> {
+        match self {
+            Out::Block {
+                id,
+                path,
+                offset,
+                crc32,
+                data,
+            } => {
+                let header = BlockHeader {
+                    id: *id,
+                    offset: *offset,
+                    crc32: *crc32,
+                    path,
+                };
+                link.send(proto::BLOCK, &[&header.encode(), data])
+            }
+            Out::End { id, record } => link.send(proto::END, &[&id.to_le_bytes(), record]),
+            Out::Commit { id, manifest } => {
+                link.send(proto::COMMIT, &[&id.to_le_bytes(), manifest])
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Files whose end was sent, and the receiver's word on them once it came.
+    files: HashMap<String, Option<Option<String>>>,
+    committed: Option<Committed>,
+    failed: Option<String>,
+}
+
+/// Transfer figures, for the log and the report.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Figures {
+    pub streams: usize,
+    pub bytes_sent: u64,
+    /// Block bytes sent again after a connection was lost.
+    pub bytes_resent: u64,
+    /// Bytes the receiver already held (a resumed transfer).
+    pub bytes_held: u64,
+    pub reconnects: u64,
+}
+
+struct Shared {
+    url: Url,
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    hello: Vec<u8>,
+    queue: Receiver<Out>,
+    retry: Mutex<VecDeque<Out>>,
+    state: Mutex<State>,
+    changed: Condvar,
+    done: AtomicBool,
+    sent: AtomicU64,
+    resent: AtomicU64,
+    held: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+pub struct NetSink {
+    shared: Arc<Shared>,
+    queue: Sender<Out>,
+    next_id: AtomicU64,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    streams: usize,
+    held: HashMap<String, FileRecord>,
+    partial: HashMap<String, HashMap<u64, (u32, u32)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl NetSink {
+    /// Connects to the receiver at `url` with `streams` connections (the URL's number when
+    /// none is given).
+    pub fn connect(url: &Url, streams: Option<usize>) -> Result<NetSink> {
+        let streams = streams
+            .or((url.streams > 0).then_some(url.streams))
+            .unwrap_or(DEFAULT_STREAMS)
+            .max(1);
+        let identity = Identity::generate()?;
+        let hello = proto::to_json(&Hello {
+            version: proto::VERSION,
+            session: url.session.clone(),
+            token: url.token.clone(),
+            host: crate::sys::hostname(),
+        });
+        let (tx, rx) = crossbeam_channel::bounded(2 * streams);
+        let shared = Arc::new(Shared {
+            url: url.clone(),
+            addr: url.addr()?,
+            config: tls::client_config(&identity, &url.fingerprint)?,
+            hello,
+            queue: rx,
+            retry: Mutex::new(VecDeque::new()),
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            done: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+        });
+        // The first connection learns what the receiver holds; a receiver busy with another
+        // sender that is going away is waited for, a while.
+        let started = Instant::now();
+        let (link, welcome) = loop {
+            match shared.connect() {
+                Ok(pair) => break pair,
+                Err(Connect::Busy(reason)) if started.elapsed() < BUSY_FOR => {
+                    info!("The receiver is busy ({reason}); trying again");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(Connect::Busy(reason)) | Err(Connect::Refused(reason)) => {
+                    return Err(Error::Network(format!(
+                        "the receiver at {}:{} refused this sender: {reason}",
+                        url.host, url.port
+                    )))
+                }
+                Err(Connect::Failed(e)) => {
+                    return Err(Error::Network(format!(
+                        "cannot connect to the receiver at {}:{}: {e}",
+                        url.host, url.port
+                    )))
+                }
+            }
+        };
+        let held: HashMap<String, FileRecord> = welcome
+            .held
+            .into_iter()
+            .map(|r| (r.path.clone(), r))
+            .collect();
+        let partial = welcome
+            .partial
+            .into_iter()
+            .map(|p| {
+                let blocks = p.blocks.into_iter().map(|(o, l, c)| (o, (l, c))).collect();
+                (p.path, blocks)
+            })
+            .collect();
+        info!(
+            "Connected to the receiver at {}:{} ({} connections{})",
+            url.host,
+            url.port,
+            streams,
+            match held.len() {
+                0 => String::new(),
+                n => format!("; it already holds {n} files"),
+            }
+        );
+        let mut workers = Vec::new();
+        let mut first = Some(link);
+        for n in 0..streams {
+            let shared = shared.clone();
+            let link = first.take();
+            workers.push(std::thread::spawn(move || shared.worker(n, link)));
+        }
+        Ok(NetSink {
+            shared,
+            queue: tx,
+            next_id: AtomicU64::new(1),
+            workers: Mutex::new(workers),
+            streams,
+            held,
+            partial,
+        })
+    }
+
+    pub fn url(&self) -> &Url {
+        &self.shared.url
+    }
+
+    pub fn figures(&self) -> Figures {
+        Figures {
+            streams: self.streams,
+            bytes_sent: self.shared.sent.load(Ordering::Relaxed),
+            bytes_resent: self.shared.resent.load(Ordering::Relaxed),
+            bytes_held: self.shared.held.load(Ordering::Relaxed),
+            reconnects: self.shared.reconnects.load(Ordering::Relaxed),
+        }
+    }
+
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queues a message, unless the transfer failed.
+    fn put(&self, mut out: Out) -> Result<()> {
+        loop {
+            self.shared.check()?;
+            match self.queue.send_timeout(out, HEARTBEAT) {
+                Ok(()) => return Ok(()),
+                Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => out = back,
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => {
+                    return Err(Error::Closed)
+                }
+            }
+        }
+    }
+
+    fn stop(&self) {
+        self.shared.done.store(true, Ordering::Relaxed);
+        for worker in lock(&self.workers).drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Sink for NetSink {
+    fn max_in_flight(&self) -> usize {
+        usize::MAX
+    }
+
+    /// SSTs are immutable: one the receiver holds whole, same name and size, is the same.
+    fn lookup(&self, meta: &FileMeta, size: u64) -> Result<Option<FileRecord>> {
+        if meta.kind != Kind::Sst {
+            return Ok(None);
+        }
+        let held = self
+            .held
+            .get(&meta.path)
+            .filter(|r| r.kind == Kind::Sst && r.original_size() == size)
+            .cloned();
+        if let Some(record) = &held {
+            self.shared.held.fetch_add(record.size, Ordering::Relaxed);
+        }
+        Ok(held)
+    }
+
+    fn open(&self, meta: &FileMeta) -> Result<Box<dyn SinkFile + '_>> {
+        self.shared.check()?;
+        let held = match meta.kind {
+            Kind::Sst => self.partial.get(&meta.path),
+            _ => None,
+        };
+        Ok(Box::new(NetFile {
+            sink: self,
+            path: meta.path.as_str().into(),
+            offset: 0,
+            held,
+        }))
+    }
+
+    fn commit(&self, manifest: &[u8]) -> Result<()> {
+        self.put(Out::Commit {
+            id: self.id(),
+            manifest: Arc::new(manifest.to_vec()),
+        })?;
+        let mut state = lock(&self.shared.state);
+        loop {
+            if let Some(committed) = state.committed.take() {
+                drop(state);
+                self.stop();
+                for line in committed.report {
+                    info!("Receiver: {line}");
+                }
+                let f = self.figures();
+                info!(
+                    "Sent {} over {} connections ({} sent again after lost connections, {} reconnects; {} already held by the receiver)",
+                    crate::log::human(f.bytes_sent),
+                    f.streams,
+                    crate::log::human(f.bytes_resent),
+                    f.reconnects,
+                    crate::log::human(f.bytes_held)
+                );
+                return Ok(());
+            }
+            if let Some(reason) = &state.failed {
+                return Err(Error::Network(reason.clone()));
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, HEARTBEAT)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn abort(&self) -> Option<Error> {
+        let failure = lock(&self.shared.state).failed.clone();
+        if failure.is_none() {
+            // Tell the receiver, on one connection, that this sender gives up.
+            if let Ok((mut link, _)) = self.shared.connect() {
+                let _ = link.send(proto::ABORT, &[b"the backup failed on the sending host"]);
+                let _ = link.recv(Duration::from_millis(500));
+                link.close();
+            }
+        }
+        lock(&self.shared.state)
+            .failed
+            .get_or_insert_with(|| "aborted".into());
+        self.stop();
+        failure.map(Error::Network)
+    }
+}
+
+impl Drop for NetSink {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct NetFile<'a> {
+    sink: &'a NetSink,
+    path: Arc<str>,
+    offset: u64,
+    /// Blocks of this file the receiver holds already.
+    held: Option<&'a HashMap<u64, (u32, u32)>>,
+}
+
+impl SinkFile for NetFile<'_> {
+    fn write(&mut self, chunk: Chunk) -> Result<()> {
+        let len = chunk.data.len();
+        let offset = self.offset;
+        self.offset += len as u64;
+        if self
+            .held
+            .is_some_and(|h| h.get(&offset) == Some(&(len as u32, chunk.crc32)))
+        {
+            self.sink
+                .shared
+                .held
+                .fetch_add(len as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.sink.put(Out::Block {
+            id: self.sink.id(),
+            path: self.path.clone(),
+            offset,
+            crc32: chunk.crc32,
+            data: chunk.data,
+        })
+    }
+
+    fn finish(self: Box<Self>, record: &FileRecord) -> Result<()> {
+        let shared = &self.sink.shared;
+        lock(&shared.state)
+            .files
+            .insert(self.path.to_string(), None);
+        self.sink.put(Out::End {
+            id: self.sink.id(),
+            record: proto::to_json(record),
+        })?;
+        let mut state = lock(&shared.state);
+        loop {
+            if let Some(word) = state.files.get(&*self.path).cloned().flatten() {
+                state.files.remove(&*self.path);
+                return match word {
+                    None => Ok(()),
+                    Some(problem) => Err(Error::Network(format!(
+                        "the receiver did not accept {}: {problem}",
+                        self.path
+                    ))),
+                };
+            }
+            if let Some(reason) = &state.failed {
+                return Err(Error::Network(reason.clone()));
+            }
+            state = shared
+                .changed
+                .wait_timeout(state, HEARTBEAT)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+enum Connect {
+    /// Another sender holds the receiver.
+    Busy(String),
+    Refused(String),
+    Failed(String),
+}
+
+impl Shared {
+    fn check(&self) -> Result<()> {
+        match &lock(&self.state).failed {
+            Some(reason) => Err(Error::Network(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&self, reason: String) {
+        lock(&self.state).failed.get_or_insert(reason);
+        self.changed.notify_all();
+    }
+
+    fn connect(&self) -> std::result::Result<(Link, Welcome), Connect> {
+        let failed = |e: std::io::Error| Connect::Failed(e.to_string());
+        let mut link = Link::connect(self.addr, self.config.clone()).map_err(failed)?;
+        link.send(proto::HELLO, &[&self.hello]).map_err(failed)?;
+        match link.recv(DEAD_AFTER).map_err(failed)? {
+            Some(Frame {
+                kind: proto::WELCOME,
+                body,
+            }) => {
+                let welcome =
+                    proto::from_json(&body).map_err(|e| Connect::Failed(e.to_string()))?;
+                Ok((link, welcome))
+            }
+            Some(Frame {
+                kind: proto::REFUSED,
+                body,
+            }) => {
+                let refused: Refused =
+                    proto::from_json(&body).map_err(|e| Connect::Failed(e.to_string()))?;
+                Err(match refused.retry {
+                    true => Connect::Busy(refused.reason),
+                    false => Connect::Refused(refused.reason),
+                })
+            }
+            _ => Err(Connect::Failed("the receiver did not answer".into())),
+        }
+    }
+
+    /// One connection: sends while its window has room, and reconnects when it is lost.
+    fn worker(&self, n: usize, mut link: Option<Link>) {
+        let mut down_since: Option<Instant> = None;
+        let mut pause = Duration::from_millis(200);
+        while !self.done.load(Ordering::Relaxed) && lock(&self.state).failed.is_none() {
+            let mut current = match link.take() {
+                Some(l) => l,
+                None => match self.connect() {
+                    Ok((l, _)) => {
+                        if down_since.take().is_some() {
+                            self.reconnects.fetch_add(1, Ordering::Relaxed);
+                            info!("Connection {n} to the receiver is back");
+                        }
+                        pause = Duration::from_millis(200);
+                        l
+                    }
+                    Err(Connect::Refused(reason)) | Err(Connect::Busy(reason)) => {
+                        return self.fail(format!("the receiver refused a connection: {reason}"));
+                    }
+                    Err(Connect::Failed(e)) => {
+                        let since = *down_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > RECONNECT_FOR {
+                            return self.fail(format!(
+                                "the receiver at {}:{} cannot be reached for {} s: {e}",
+                                self.url.host,
+                                self.url.port,
+                                RECONNECT_FOR.as_secs()
+                            ));
+                        }
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                },
+            };
+            let mut unacked = VecDeque::new();
+            match self.pump(&mut current, &mut unacked) {
+                Ok(()) => {
+                    current.close();
+                    return;
+                }
+                Err(e) => {
+                    if self.done.load(Ordering::Relaxed) || lock(&self.state).failed.is_some() {
+                        return;
+                    }
+                    warn!("Connection {n} to the receiver lost: {e}; reconnecting");
+                    down_since = Some(Instant::now());
+                    let mut retry = lock(&self.retry);
+                    for out in unacked.into_iter().rev() {
+                        if matches!(out, Out::Block { .. }) {
+                            self.resent.fetch_add(out.len() as u64, Ordering::Relaxed);
+                        }
+                        retry.push_front(out);
+                    }
+                }
+            }
+        }
+    }
+
+    fn next(&self, wait: Duration) -> Option<Out> {
+        if let Some(out) = lock(&self.retry).pop_front() {
+            return Some(out);
+        }
+        self.queue.recv_timeout(wait).ok()
+    }
+
+    fn pump(&self, link: &mut Link, unacked: &mut VecDeque<Out>) -> Result<()> {
+        let io = |e: std::io::Error| Error::Network(e.to_string());
+        loop {
+            while let Some(frame) = link.recv(Duration::ZERO).map_err(io)? {
+                self.handle(frame, unacked)?;
+            }
+            if self.done.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            if let Some(reason) = &lock(&self.state).failed {
+                return Err(Error::Network(reason.clone()));
+            }
+            if link.last_heard.elapsed() > DEAD_AFTER {
+                return Err(Error::Network(format!(
+                    "nothing heard for {} s",
+                    DEAD_AFTER.as_secs()
+                )));
+            }
+            let in_flight: usize = unacked.iter().map(Out::len).sum();
+            let out = match in_flight < WINDOW {
+                true => self.next(match unacked.is_empty() {
+                    true => Duration::from_millis(100),
+                    false => Duration::from_millis(2),
+                }),
+                false => {
+                    if let Some(frame) = link.recv(Duration::from_millis(100)).map_err(io)? {
+                        self.handle(frame, unacked)?;
+                    }
+                    None
+                }
+            };
+            match out {
+                Some(out) => {
+                    // Queued before it is sent: if the send fails, it is sent again.
+                    let len = out.len() as u64;
+                    let is_block = matches!(out, Out::Block { .. });
+                    unacked.push_back(out);
+                    unacked
+                        .back()
+                        .expect("just pushed")
+                        .send(link)
+                        .map_err(io)?;
+                    if is_block {
+                        self.sent.fetch_add(len, Ordering::Relaxed);
+                    }
+                }
+                None if link.last_sent.elapsed() >= HEARTBEAT => {
+                    link.send(proto::PING, &[]).map_err(io)?;
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn handle(&self, frame: Frame, unacked: &mut VecDeque<Out>) -> Result<()> {
+        match frame.kind {
+            proto::PING => {}
+            proto::ACK => {
+                let (id, _) = proto::split_id(&frame.body)?;
+                if let Some(i) = unacked.iter().position(|o| o.id() == id) {
+                    unacked.remove(i);
+                }
+            }
+            proto::FILE_DONE => {
+                let done: FileDone = proto::from_json(&frame.body)?;
+                let mut state = lock(&self.state);
+                if let Some(word) = state.files.get_mut(&done.path) {
+                    *word = Some(done.problem);
+                }
+                drop(state);
+                self.changed.notify_all();
+            }
+            proto::COMMITTED => {
+                let committed: Committed = proto::from_json(&frame.body)?;
+                self.done.store(true, Ordering::Relaxed);
+                lock(&self.state).committed = Some(committed);
+                self.changed.notify_all();
+            }
+            proto::ABORT => {
+                let reason = String::from_utf8_lossy(&frame.body).into_owned();
+                self.fail(format!("the receiver gave up: {reason}"));
+                return Err(Error::Network(reason));
+            }
+            other => {
+                return Err(Error::Network(format!(
+                    "an unexpected message ({other}) from the receiver"
+                )))
+            }
+        }
+        Ok(())
+    }
+}
