@@ -22,7 +22,7 @@ use rustls::ClientConfig;
 use super::{Chunk, Sink, SinkFile};
 use crate::error::{Error, Result};
 use crate::format::manifest::{FileRecord, Kind};
-use crate::format::FileMeta;
+use crate::format::{FileMeta, CHUNK_SIZE};
 use crate::net::link::{Frame, Link, DEAD_AFTER, HEARTBEAT};
 use crate::net::proto::{self, BlockHeader, Committed, FileDone, Hello, Refused, Welcome};
 use crate::net::tls::{self, Identity};
@@ -37,7 +37,7 @@ pub const DEFAULT_STREAMS: usize = 8;
 /// How long a connection keeps trying to reconnect before the transfer fails.
 const RECONNECT_FOR: Duration = Duration::from_secs(60);
 /// How long a sender waits for another one to finish with the receiver.
-const BUSY_FOR: Duration = Duration::from_secs(15);
+const BUSY_FOR: Duration = Duration::from_secs(10);
 
 enum Out {
     Block {
@@ -576,7 +576,7 @@ impl Shared {
                 )));
             }
             let in_flight: usize = unacked.iter().map(Out::len).sum();
-            let out = match in_flight < WINDOW {
+            let out = match in_flight + CHUNK_SIZE <= WINDOW {
                 true => self.next(match unacked.is_empty() {
                     true => Duration::from_millis(100),
                     false => Duration::from_millis(2),
