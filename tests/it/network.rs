@@ -318,9 +318,12 @@ fn clone_restores_on_the_other_host_and_writes_the_replica_set_up() {
 /// A table of incompressible rows, so that transfers take a while on a shaped path.
 fn load_filler(server: &Server, mib: u64) {
     server.exec("CREATE DATABASE IF NOT EXISTS filler");
-    server.exec("CREATE TABLE filler.f (id INT PRIMARY KEY, v VARBINARY(1024)) ENGINE=ROCKSDB");
+    server.exec(
+        "CREATE TABLE IF NOT EXISTS filler.f (id INT PRIMARY KEY, v VARBINARY(1024)) ENGINE=ROCKSDB",
+    );
+    let first = server.value("SELECT COALESCE(MAX(id), 0) FROM filler.f");
     server.exec(&format!(
-        "INSERT INTO filler.f SELECT seq, RANDOM_BYTES(1024) FROM filler.seq_1_to_{}",
+        "INSERT INTO filler.f SELECT {first} + seq, RANDOM_BYTES(1024) FROM filler.seq_1_to_{}",
         mib * 1024
     ));
     server.exec("SET GLOBAL rocksdb_force_flush_memtable_now = 1");
@@ -352,7 +355,9 @@ const RESEND_BOUND: u64 = 8 * (4 << 20);
 fn a_cut_link_and_a_killed_sender_both_finish_sending_little_twice() {
     let source = Server::start();
     load_bank(&source, 10_000);
-    load_filler(&source, 96);
+    source.exec("SET GLOBAL rocksdb_force_flush_memtable_now = 1");
+    load_filler(&source, 48);
+    load_filler(&source, 48);
     let link = Link::new();
     link.shape(100);
     let tmp = tempfile::tempdir().unwrap();
@@ -413,14 +418,33 @@ fn a_cut_link_and_a_killed_sender_both_finish_sending_little_twice() {
         "what arrived before the kill is not sent again: {figures}"
     );
     assert!(sent + held <= stored + RESEND_BOUND, "{figures}");
-    let m = manifest(&dir);
-    let ssts = m["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["kind"] == "sst")
-        .count();
-    assert!(ssts > 0);
+
+    // Both ends killed: a receiver started again on the directory keeps what its journal
+    // holds (read and checked again), and a new sender sends only the rest.
+    let dir = tmp.path().join("both");
+    let receiver = receive(receive_cmd(Some(&link), &dir, &[]));
+    let first = send(Some(&link), &source, &receiver.url, &[]);
+    wait_for_bytes(&dir, 60 << 20);
+    unsafe { libc::kill(receiver.child.id() as i32, libc::SIGKILL) };
+    unsafe { libc::kill(first.id() as i32, libc::SIGKILL) };
+    let _ = finished(first);
+    let (status, _) = receiver.wait();
+    assert!(!status.success());
+    let receiver = receive(receive_cmd(Some(&link), &dir, &[]));
+    let report = tmp.path().join("both.json");
+    let rerun = send(
+        Some(&link),
+        &source,
+        &receiver.url,
+        &["--report", report.to_str().unwrap()],
+    );
+    finished_ok(rerun);
+    let rx_log = receiver.wait_ok();
+    assert!(rx_log.contains("Resuming into"), "{rx_log}");
+    verify_ok(&dir);
+    let figures = network_figures(&report);
+    eprintln!("both killed: {figures}");
+    assert!(figures["bytes_held"].as_u64().unwrap() > 0, "{figures}");
 }
 
 #[test]
