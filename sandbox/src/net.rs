@@ -1,11 +1,14 @@
 //! Networks for the tests: a [`Link`] is two private network namespaces ("hosts") joined
 //! by a veth pair, which a test can cut silently and mend (established TCP connections
-//! survive), or throttle; an [`Sshd`] is a real OpenSSH server on the far host of a link,
+//! survive), or throttle; a [`Path`] joins two hosts through a third namespace, a router
+//! that limits the rate and delays every packet (a long, slow path with a round-trip time);
+//! an [`Sshd`] is a real OpenSSH server on the far host of a link or a path,
 //! with its own keys and configuration; a [`FlipRelay`] is a TCP relay that corrupts one
 //! bit of the first connection it relays. Everything is removed when dropped (also when a
 //! test panics); only namespaces, processes and files the harness made are ever touched.
 //!
-//! Links need root and iproute2, cutting one needs nftables, and the server needs OpenSSH:
+//! Links need root and iproute2, cutting one needs nftables, a path ethtool and the TUN
+//! device (/dev/net/tun), and the server needs OpenSSH:
 //! their absence is a loud failure naming the install command (`scripts/install-deps`
 //! installs them all).
 
@@ -15,10 +18,10 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::{self, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -26,7 +29,8 @@ use std::time::{Duration, Instant};
 pub const TX_DEV: &str = "mhb-tx";
 pub const RX_DEV: &str = "mhb-rx";
 
-/// Namespaces are named `mhb-<pid>-<n>-tx` and `mhb-<pid>-<n>-rx`.
+/// Namespaces are named `mhb-<pid>-<n>-tx` and `mhb-<pid>-<n>-rx` (and `mhb-<pid>-<n>-mid`
+/// for the router of a [`Path`]).
 const PREFIX: &str = "mhb-";
 
 /// The nftables table [`Link::cut`] adds to each namespace.
@@ -47,7 +51,7 @@ fn tool(name: &str, package: &str) -> PathBuf {
         "/usr/local/sbin",
         "/usr/local/bin",
     ] {
-        let p = Path::new(dir).join(name);
+        let p = path::Path::new(dir).join(name);
         if p.exists() {
             return p;
         }
@@ -109,7 +113,7 @@ fn require_root(what: &str) {
 }
 
 fn process_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Kills every process in a namespace and deletes it (which deletes its veth end).
@@ -157,7 +161,7 @@ fn remove_stale_namespaces() {
         let parts: Vec<&str> = rest.split('-').collect();
         let ours = parts.len() == 3
             && parts[1].parse::<u32>().is_ok()
-            && (parts[2] == "tx" || parts[2] == "rx");
+            && ["tx", "rx", "mid"].contains(&parts[2]);
         if let (true, Ok(pid)) = (ours, parts[0].parse::<u32>()) {
             if !process_alive(pid) {
                 remove_namespace(name);
@@ -229,7 +233,7 @@ impl Link {
             let subnet = (200 + (pid % 50) as u8, (n % 256) as u8);
             let taken = [&tx_ns, &rx_ns]
                 .iter()
-                .any(|ns| Path::new("/run/netns").join(ns).exists());
+                .any(|ns| path::Path::new("/run/netns").join(ns).exists());
             if !taken && !host_uses_subnet(subnet.0, subnet.1) {
                 break (tx_ns, rx_ns, subnet);
             }
@@ -385,6 +389,45 @@ impl Link {
     }
 }
 
+/// Two hosts made by the harness, "tx" and "rx", that reach each other: the ends of a [`Link`]
+/// or of a [`Path`]. An [`Sshd`] runs on the rx host of either.
+pub trait Hosts {
+    /// A command running `program` in the tx namespace; add its arguments.
+    fn tx(&self, program: impl AsRef<OsStr>) -> Command;
+    /// A command running `program` in the rx namespace; add its arguments.
+    fn rx(&self, program: impl AsRef<OsStr>) -> Command;
+    /// The rx host's address, as the tx host reaches it.
+    fn rx_addr(&self) -> Ipv4Addr;
+    /// The port of the next [`Sshd`] on the rx host: 22 for the first, then 2201, 2202...
+    fn sshd_port(&self) -> u16;
+}
+
+/// The port of the `n`th sshd of a pair of hosts (from 0).
+fn sshd_port(n: u16) -> u16 {
+    match n {
+        0 => 22,
+        k => 2200 + k,
+    }
+}
+
+impl Hosts for Link {
+    fn tx(&self, program: impl AsRef<OsStr>) -> Command {
+        Link::tx(self, program)
+    }
+
+    fn rx(&self, program: impl AsRef<OsStr>) -> Command {
+        Link::rx(self, program)
+    }
+
+    fn rx_addr(&self) -> Ipv4Addr {
+        self.rx_addr
+    }
+
+    fn sshd_port(&self) -> u16 {
+        sshd_port(self.servers.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
 impl Default for Link {
     fn default() -> Link {
         Link::new()
@@ -394,15 +437,427 @@ impl Default for Link {
 impl Drop for Link {
     fn drop(&mut self) {
         for ns in [&self.tx_ns, &self.rx_ns] {
-            if Path::new("/run/netns").join(ns).exists() {
+            if path::Path::new("/run/netns").join(ns).exists() {
                 remove_namespace(ns);
             }
         }
     }
 }
 
-/// A real OpenSSH server (`/usr/sbin/sshd`) in the rx namespace of a [`Link`], listening
-/// on the link's rx address, with its own host key, a client key that logs in as root, and
+/// Device names in the router of a [`Path`]: its veth ends toward the tx and the rx host,
+/// and the TUN devices of the delay line, one per direction (named after where their
+/// packets go).
+const MID_TX_DEV: &str = "mhb-mid-tx";
+const MID_RX_DEV: &str = "mhb-mid-rx";
+const DELAY_TO_RX: &str = "mhb-delay-rx";
+const DELAY_TO_TX: &str = "mhb-delay-tx";
+
+/// The policy routing tables of the router: what comes from tx goes into [`DELAY_TO_RX`],
+/// what comes from rx into [`DELAY_TO_TX`].
+const TABLE_TO_RX: &str = "100";
+const TABLE_TO_TX: &str = "101";
+
+/// Packets a delay line's TUN device queues before the thread reads them; past that it
+/// drops them (counted in [`PathStats::line_drops`]: the line did not keep up).
+const LINE_QUEUE: &str = "1000";
+
+/// A long, slow path between two hosts, as across a WAN: namespaces "tx" and "rx", each
+/// joined by a veth pair to a third, "mid", that routes between them. The router limits
+/// each direction to `mbit` megabits per second (a token bucket on its own egress toward
+/// each host, queueing about one bandwidth-delay product, so TCP sees a slow path and not
+/// a slow interface of its own), and delays every packet by half the round-trip time: it
+/// routes what arrives from one host into a TUN device (policy routing by input interface),
+/// where a thread of this process reads it, holds it until it is due, and writes it back
+/// into the same device, from where the router forwards it on to the other host. Offloads
+/// are off on every veth end, so packets are MTU-sized (1500 bytes) end to end, as on a
+/// real path.
+///
+/// The delay line costs two system calls and a copy per packet, on this process's CPU:
+/// it limits the rate a machine can emulate; [`Path::stats`] tells whether it kept up.
+///
+/// Dropping the path kills every process still running in its namespaces, stops the delay
+/// line and deletes the namespaces.
+pub struct Path {
+    pub tx_ns: String,
+    pub mid_ns: String,
+    pub rx_ns: String,
+    pub tx_addr: Ipv4Addr,
+    pub rx_addr: Ipv4Addr,
+    /// The rate of each direction, in megabits per second.
+    pub mbit: u32,
+    /// The round-trip time the delay line adds, in milliseconds.
+    pub rtt_ms: u32,
+    servers: AtomicU16,
+    stop: Arc<AtomicBool>,
+    lines: Vec<JoinHandle<()>>,
+    counters: Arc<LineCounters>,
+}
+
+/// What the delay line of a [`Path`] did so far, both directions together.
+#[derive(Clone, Copy, Debug)]
+pub struct PathStats {
+    /// Packets delayed and passed on.
+    pub packets: u64,
+    /// Packets passed on more than a millisecond after they were due.
+    pub late_packets: u64,
+    /// The latest a packet was passed on after it was due.
+    pub worst_late: Duration,
+    /// Packets dropped before the delay line read them (its queue was full: the line did
+    /// not keep up with the traffic).
+    pub line_drops: u64,
+    /// Packets dropped by the rate limit (its queue was full: congestion, as on a real path).
+    pub queue_drops: u64,
+}
+
+#[derive(Default)]
+struct LineCounters {
+    packets: AtomicU64,
+    late_packets: AtomicU64,
+    worst_late_us: AtomicU64,
+}
+
+impl Path {
+    /// Creates the three namespaces, the router's limits and the delay line: `mbit`
+    /// megabits per second each way, `rtt_ms` milliseconds of round trip. Panics if not
+    /// root, or if iproute2, ethtool or the TUN device is missing.
+    pub fn new(mbit: u32, rtt_ms: u32) -> Path {
+        require_root("Path::new");
+        assert!(mbit > 0, "Path::new needs a rate above 0");
+        let (ip, tc) = (ip(), tool("tc", "iproute2"));
+        let ethtool = tool("ethtool", "ethtool");
+        let _creating = CREATING.lock().unwrap_or_else(|e| e.into_inner());
+        remove_stale_namespaces();
+        let pid = std::process::id();
+        // As for a link: 10.(200 + pid % 50).n.0/24, halved: tx .1 and the router .2 in
+        // the lower /25, the router .129 and rx .130 in the upper one.
+        let (name, (a, b)) = loop {
+            let n = NEXT_LINK.fetch_add(1, Ordering::Relaxed);
+            let name = format!("{PREFIX}{pid}-{n}");
+            let subnet = (200 + (pid % 50) as u8, (n % 256) as u8);
+            let taken = ["tx", "mid", "rx"]
+                .iter()
+                .any(|end| path::Path::new("/run/netns").join(format!("{name}-{end}")).exists());
+            if !taken && !host_uses_subnet(subnet.0, subnet.1) {
+                break (name, subnet);
+            }
+            assert!(n < 100_000, "no free namespace name or subnet");
+        };
+        let addr = |d| Ipv4Addr::new(10, a, b, d);
+        // From here on, a panic drops the path and removes what was made.
+        let mut path = Path {
+            tx_ns: format!("{name}-tx"),
+            mid_ns: format!("{name}-mid"),
+            rx_ns: format!("{name}-rx"),
+            tx_addr: addr(1),
+            rx_addr: addr(130),
+            mbit,
+            rtt_ms,
+            servers: AtomicU16::new(0),
+            stop: Arc::new(AtomicBool::new(false)),
+            lines: Vec::new(),
+            counters: Arc::new(LineCounters::default()),
+        };
+        let (tx, mid, rx) = (&path.tx_ns, &path.mid_ns, &path.rx_ns);
+        for ns in [tx, mid, rx] {
+            run(Command::new(&ip).args(["netns", "add", ns]));
+        }
+        // The router forwards, and checks no packet's source against its routes: the delay
+        // line's come back in on a TUN device, not on the interface toward their source.
+        in_namespace(mid, || {
+            for (key, value) in [
+                ("ipv4/ip_forward", "1"),
+                ("ipv4/conf/all/rp_filter", "0"),
+                ("ipv4/conf/default/rp_filter", "0"),
+            ] {
+                fs::write(format!("/proc/sys/net/{key}"), value)
+                    .unwrap_or_else(|e| panic!("cannot set {key} in {mid}: {e}"));
+            }
+        });
+        let ends = [
+            (tx, TX_DEV, addr(1), mid, MID_TX_DEV, addr(2)),
+            (rx, RX_DEV, addr(130), mid, MID_RX_DEV, addr(129)),
+        ];
+        for (host, host_dev, host_addr, mid, mid_dev, mid_addr) in ends {
+            run(Command::new(&ip).args([
+                "link", "add", host_dev, "netns", host, "type", "veth", "peer", "name",
+                mid_dev, "netns", mid,
+            ]));
+            for (ns, dev, addr) in [(host, host_dev, host_addr), (mid, mid_dev, mid_addr)] {
+                run(Command::new(&ip).args([
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{addr}/25"),
+                    "dev",
+                    dev,
+                ]));
+                run(Command::new(&ip).args(["-n", ns, "link", "set", "lo", "up"]));
+                run(Command::new(&ip).args(["-n", ns, "link", "set", dev, "up"]));
+                run(Link::exec(ns, &ethtool).args([
+                    "-K", dev, "gro", "off", "tso", "off", "gso", "off",
+                ]));
+            }
+        }
+        // Each host reaches the other's half through the router.
+        run(Command::new(&ip).args([
+            "-n",
+            tx,
+            "route",
+            "add",
+            &format!("{}/25", addr(128)),
+            "via",
+            &addr(2).to_string(),
+        ]));
+        run(Command::new(&ip).args([
+            "-n",
+            rx,
+            "route",
+            "add",
+            &format!("{}/25", addr(0)),
+            "via",
+            &addr(129).to_string(),
+        ]));
+
+        // The delay line: a TUN device per direction, made in the router by this process
+        // (it lives as long as the file), fed by policy routing on the input interface.
+        // What the thread writes back comes in on the TUN device, which no rule names: the
+        // main table forwards it to the other host.
+        let tuns = in_namespace(mid, || [open_tun(DELAY_TO_RX), open_tun(DELAY_TO_TX)]);
+        for (from, tun, table) in [
+            (MID_TX_DEV, DELAY_TO_RX, TABLE_TO_RX),
+            (MID_RX_DEV, DELAY_TO_TX, TABLE_TO_TX),
+        ] {
+            run(Command::new(&ip).args(["-n", mid, "link", "set", tun, "up"]));
+            run(Link::exec(mid, &tc).args([
+                "qdisc", "replace", "dev", tun, "root", "pfifo", "limit", LINE_QUEUE,
+            ]));
+            run(Command::new(&ip).args([
+                "-n", mid, "rule", "add", "iif", from, "table", table,
+            ]));
+            run(Command::new(&ip).args([
+                "-n", mid, "route", "add", "default", "dev", tun, "table", table,
+            ]));
+        }
+        // The rate limit, on the router's egress toward each host. Two milliseconds' worth
+        // of bucket (a few packets at least) absorbs the timer's lateness; the queue holds
+        // about one bandwidth-delay product (a few dozen packets at least).
+        let bytes_per_sec = u64::from(mbit) * 1_000_000 / 8;
+        let burst = (bytes_per_sec / 500).max(16 * 1024);
+        let limit = (bytes_per_sec * u64::from(rtt_ms) / 1000).max(64 * 1024);
+        for dev in [MID_TX_DEV, MID_RX_DEV] {
+            run(Link::exec(mid, &tc).args([
+                "qdisc",
+                "replace",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                &format!("{mbit}mbit"),
+                "burst",
+                &burst.to_string(),
+                "limit",
+                &limit.to_string(),
+            ]));
+        }
+        let delay = Duration::from_micros(u64::from(rtt_ms) * 500);
+        for tun in tuns {
+            path.lines.extend(delay_line(
+                tun,
+                delay,
+                path.stop.clone(),
+                path.counters.clone(),
+            ));
+        }
+        path
+    }
+
+    /// A command running `program` in the tx namespace (`ip netns exec`, which execs it: the
+    /// child's pid is the program's); add its arguments.
+    pub fn tx(&self, program: impl AsRef<OsStr>) -> Command {
+        Link::exec(&self.tx_ns, program)
+    }
+
+    /// A command running `program` in the rx namespace; add its arguments.
+    pub fn rx(&self, program: impl AsRef<OsStr>) -> Command {
+        Link::exec(&self.rx_ns, program)
+    }
+
+    /// Runs `f` on a thread inside the tx namespace (see [`Link::in_tx`]).
+    pub fn in_tx<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        in_namespace(&self.tx_ns, f)
+    }
+
+    /// Runs `f` on a thread inside the rx namespace (see [`Link::in_tx`]).
+    pub fn in_rx<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        in_namespace(&self.rx_ns, f)
+    }
+
+    /// What the delay line and the rate limit did so far.
+    pub fn stats(&self) -> PathStats {
+        let c = &self.counters;
+        PathStats {
+            packets: c.packets.load(Ordering::Relaxed),
+            late_packets: c.late_packets.load(Ordering::Relaxed),
+            worst_late: Duration::from_micros(c.worst_late_us.load(Ordering::Relaxed)),
+            line_drops: self.drops(&[DELAY_TO_RX, DELAY_TO_TX]),
+            queue_drops: self.drops(&[MID_TX_DEV, MID_RX_DEV]),
+        }
+    }
+
+    /// Packets the router's queues on these devices dropped (`tc -s`: "dropped N").
+    fn drops(&self, devs: &[&str]) -> u64 {
+        let tc = tool("tc", "iproute2");
+        let mut drops = 0;
+        for dev in devs {
+            let out = run(Link::exec(&self.mid_ns, &tc).args(["-s", "qdisc", "show", "dev", dev]));
+            let text = String::from_utf8_lossy(&out.stdout);
+            for after in text.split("(dropped ").skip(1) {
+                let n = after.split(|c: char| !c.is_ascii_digit()).next().unwrap_or("");
+                drops += n.parse::<u64>().unwrap_or(0);
+            }
+        }
+        drops
+    }
+}
+
+impl Hosts for Path {
+    fn tx(&self, program: impl AsRef<OsStr>) -> Command {
+        Path::tx(self, program)
+    }
+
+    fn rx(&self, program: impl AsRef<OsStr>) -> Command {
+        Path::rx(self, program)
+    }
+
+    fn rx_addr(&self) -> Ipv4Addr {
+        self.rx_addr
+    }
+
+    fn sshd_port(&self) -> u16 {
+        sshd_port(self.servers.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl Drop for Path {
+    fn drop(&mut self) {
+        // The hosts first (their processes are killed: no more traffic), then the delay
+        // line (its readers look at the stop flag every 100 ms, its writers end when their
+        // queue is empty), then the router, whose TUN devices went with the line's files.
+        for ns in [&self.tx_ns, &self.rx_ns] {
+            if path::Path::new("/run/netns").join(ns).exists() {
+                remove_namespace(ns);
+            }
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        for line in self.lines.drain(..) {
+            let _ = line.join();
+        }
+        if path::Path::new("/run/netns").join(&self.mid_ns).exists() {
+            remove_namespace(&self.mid_ns);
+        }
+    }
+}
+
+/// Creates a TUN device (IP packets, no header before them) in the calling thread's
+/// namespace; it is deleted when the file is closed.
+fn open_tun(name: &str) -> fs::File {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .unwrap_or_else(|e| panic!("/dev/net/tun: {e} (the kernel needs TUN support)"));
+    // struct ifreq: the name, then a union of which TUNSETIFF reads the flags.
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        pad: [u8; 22],
+    }
+    assert!(name.len() < libc::IFNAMSIZ, "{name}: too long for a device");
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
+        pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    assert_eq!(
+        rc,
+        0,
+        "cannot create TUN device {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    file
+}
+
+/// One direction of the delay line: a reader thread takes each packet the router sends
+/// into `tun` and queues it with the time it is due, `delay` later; a writer thread writes
+/// it back into `tun` at that time (the router forwards it on). The delay is the same for
+/// every packet, so the queue is in due order. The reader ends when `stop` is set, the
+/// writer when the queue is empty after that.
+fn delay_line(
+    tun: fs::File,
+    delay: Duration,
+    stop: Arc<AtomicBool>,
+    counters: Arc<LineCounters>,
+) -> [JoinHandle<()>; 2] {
+    let fd = tun.as_raw_fd();
+    // Non-blocking, so that the reader sees the stop flag while no packet comes.
+    unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK) };
+    let tun = Arc::new(tun);
+    let (queue, due) = mpsc::channel::<(Instant, Vec<u8>)>();
+    let reader = {
+        let tun = tun.clone();
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                match (&*tun).read(&mut buf) {
+                    Ok(n) => {
+                        if queue.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        let mut pfd = libc::pollfd {
+                            fd,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        };
+                        unsafe { libc::poll(&mut pfd, 1, 100) };
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    let writer = thread::spawn(move || {
+        // Wake up on time: no timer slack (50 µs by default).
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+        for (due, packet) in due {
+            let now = Instant::now();
+            if due > now {
+                thread::sleep(due - now);
+            }
+            // A packet the kernel refuses is lost, as on a wire.
+            let _ = (&*tun).write(&packet);
+            let late = due.elapsed();
+            counters.packets.fetch_add(1, Ordering::Relaxed);
+            if late > Duration::from_millis(1) {
+                counters.late_packets.fetch_add(1, Ordering::Relaxed);
+            }
+            counters
+                .worst_late_us
+                .fetch_max(late.as_micros() as u64, Ordering::Relaxed);
+        }
+    });
+    [reader, writer]
+}
+
+/// A real OpenSSH server (`/usr/sbin/sshd`) in the rx namespace of a [`Link`] or a [`Path`]
+/// (any [`Hosts`]), listening on the rx address, with its own host key, a client key that logs in as root, and
 /// its own configuration, all in a private temporary directory. Commands it runs get the
 /// `PATH` of the test process (plus the system directories). Dropping it stops the server;
 /// sessions still open are killed when the link is dropped.
@@ -417,7 +872,7 @@ const SSH_HINT: &str = "openssh-server openssh-client";
 
 impl Sshd {
     /// Starts the server and waits (10 s at most) until a client in the tx namespace logs in.
-    pub fn start(link: &Link) -> Sshd {
+    pub fn start(link: &impl Hosts) -> Sshd {
         require_root("Sshd::start");
         let sshd = PathBuf::from("/usr/sbin/sshd");
         assert!(
@@ -444,10 +899,7 @@ impl Sshd {
                 .arg(dir.join(key)));
         }
         fs::copy(dir.join("id_ed25519.pub"), dir.join("authorized_keys")).unwrap();
-        let port = match link.servers.fetch_add(1, Ordering::Relaxed) {
-            0 => 22,
-            k => 2200 + k,
-        };
+        let port = link.sshd_port();
         let mut path = std::env::var("PATH").unwrap_or_default();
         for system in [
             "/usr/local/sbin",
@@ -484,7 +936,7 @@ impl Sshd {
              LogLevel VERBOSE\n\
              SetEnv \"PATH={path}\"\n\
              Subsystem sftp internal-sftp\n",
-            host = link.rx_addr,
+            host = link.rx_addr(),
             dir = dir.display(),
         );
         fs::write(dir.join("sshd_config"), config).unwrap();
@@ -508,14 +960,14 @@ impl Sshd {
         let mut server = Sshd {
             home,
             child,
-            host: link.rx_addr,
+            host: link.rx_addr(),
             port,
         };
         server.wait_ready(link);
         server
     }
 
-    fn wait_ready(&mut self, link: &Link) {
+    fn wait_ready(&mut self, link: &impl Hosts) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -543,7 +995,7 @@ impl Sshd {
     }
 
     /// The ssh command, arguments and all, run in the tx namespace.
-    fn command(&self, link: &Link) -> Command {
+    fn command(&self, link: &impl Hosts) -> Command {
         let line = self.ssh_command();
         let mut words = line.split_whitespace();
         let mut cmd = link.tx(words.next().unwrap());
@@ -552,8 +1004,8 @@ impl Sshd {
     }
 
     /// The ssh client command line that logs in to this server, as one string to split on
-    /// whitespace; append `root@HOST` and the remote command. It works in the link's tx
-    /// namespace only. It reads no ssh configuration file, offers only the test key,
+    /// whitespace; append `root@HOST` and the remote command. It works in the tx namespace
+    /// of its hosts only. It reads no ssh configuration file, offers only the test key,
     /// trusts the host key unseen and never prompts.
     pub fn ssh_command(&self) -> String {
         let ssh = tool("ssh", "openssh-client");
@@ -566,7 +1018,7 @@ impl Sshd {
         )
     }
 
-    /// The server's address (the link's rx address).
+    /// The server's address (the rx address of its hosts).
     pub fn host(&self) -> String {
         self.host.to_string()
     }

@@ -82,9 +82,10 @@ struct Report<'a> {
 
 pub fn run(args: BackupArgs) -> Result<()> {
     let format = args.stream.unwrap_or(Format::Tar);
-    if args.compress.is_some() && args.target_dir.is_none() && format == Format::Tar {
+    let to_stream = args.target_dir.is_none() && args.to.is_none() && args.via_ssh.is_none();
+    if args.compress.is_some() && to_stream && format == Format::Tar {
         return Err(Error::Usage(
-            "--compress needs --stream xbstream or --target-dir: tar needs each file's size before its bytes, \
+            "--compress needs --stream xbstream, --target-dir or --to: tar needs each file's size before its bytes, \
              and a compressed file has none until it is written"
                 .into(),
         ));

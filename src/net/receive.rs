@@ -567,8 +567,9 @@ impl Session {
                             header.path
                         )));
                     }
-                    let done =
-                        self.block(generation, header.path, header.offset, data, header.crc32)?;
+                    let done = self
+                        .block(generation, header.path, header.offset, data, header.crc32)
+                        .or_else(|e| self.fatal(link, e))?;
                     send(link, proto::ACK, &[&header.id.to_le_bytes()])?;
                     if let Some(done) = done {
                         send(link, proto::FILE_DONE, &[&proto::to_json(&done)])?;
@@ -577,7 +578,9 @@ impl Session {
                 proto::END => {
                     let (id, rest) = proto::split_id(&frame.body)?;
                     let record: FileRecord = proto::from_json(rest)?;
-                    let done = self.end(generation, record)?;
+                    let done = self
+                        .end(generation, record)
+                        .or_else(|e| self.fatal(link, e))?;
                     send(link, proto::ACK, &[&id.to_le_bytes()])?;
                     if let Some(done) = done {
                         send(link, proto::FILE_DONE, &[&proto::to_json(&done)])?;
@@ -617,6 +620,25 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A failure here (a full disk, an unsafe name) that sending again cannot cure: the
+    /// sender hears why, and the session ends.
+    fn fatal<T>(&self, link: &mut Link, e: Error) -> Result<T> {
+        if matches!(e, Error::Network(_)) {
+            return Err(e);
+        }
+        let reason = format!(
+            "{e}; {} keeps what arrived, and a receiver started on it again resumes",
+            self.root.display()
+        );
+        let _ = send(link, proto::ABORT, &[reason.as_bytes()]);
+        let mut state = lock(&self.state);
+        state.ended = Some(Instant::now());
+        state.outcome.get_or_insert(Err(reason));
+        drop(state);
+        self.changed.notify_all();
+        Err(e)
     }
 
     /// Creates the parents of a file, once; returns its full path.

@@ -542,3 +542,20 @@ fn strangers_wrong_tokens_wrong_keys_and_second_senders_are_refused() {
     receiver.wait_ok();
     verify_ok(&dir);
 }
+
+#[test]
+fn a_full_disk_on_the_receiver_stops_both_ends_with_the_reason() {
+    let source = Server::start();
+    load_bank(&source, 40_000);
+    let tmp = tempfile::tempdir().unwrap();
+    let _mount = Mount::tmpfs(&tmp.path().join("small"), 2);
+    let dir = tmp.path().join("small").join("target");
+    let receiver = receive(receive_cmd(None, &dir, &[]));
+    let (status, log) = finished(send(None, &source, &receiver.url, &["--compress"]));
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("No space left on device"), "{log}");
+    let (status, rx_log) = receiver.wait();
+    assert!(!status.success(), "{rx_log}");
+    assert!(rx_log.contains("No space left on device"), "{rx_log}");
+    assert!(!dir.join("myrocks_hotbackup.json").exists());
+}
