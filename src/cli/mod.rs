@@ -150,7 +150,7 @@ pub struct BackupArgs {
     /// Send the backup to a receiver (`myrocks-hotbackup receive`), its URL read from FILE
     /// (`@FILE`) or from standard input (`-`). The URL holds a secret: never pass it here
     #[arg(long, value_name = "@FILE|-")]
-    pub to: Option<String>,
+    pub to: Option<To>,
     /// Connections to the receiver [default: as many as the receiver asks for, 8]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub streams: Option<u16>,
@@ -205,6 +205,27 @@ pub struct BackupArgs {
     /// Print help
     #[arg(long, action = ArgAction::Help)]
     help: Option<bool>,
+}
+
+/// Where `--to` finds the receiver's URL (`@FILE`, `-`, or, discouraged, the URL itself,
+/// which `Debug` never shows).
+#[derive(Clone)]
+pub struct To(pub String);
+
+impl std::str::FromStr for To {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<To, Self::Err> {
+        Ok(To(s.to_string()))
+    }
+}
+
+impl fmt::Debug for To {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self.0.contains("token=") {
+            true => f.write_str("To(<a URL, hidden>)"),
+            false => write!(f, "To({:?})", self.0),
+        }
+    }
 }
 
 /// A receiver started on `host` over ssh with `receive ARGS`.
@@ -607,8 +628,14 @@ mod tests {
     }
 
     #[test]
-    fn debug_output_hides_the_password() {
+    fn debug_output_hides_the_password_and_the_url_token() {
         let Command::Backup(b) = parse_strs(&["backup", "-p", "s3cret"]).unwrap() else {
+            panic!()
+        };
+        assert!(!format!("{b:?}").contains("s3cret"));
+        let Command::Backup(b) =
+            parse_strs(&["backup", "--to", "mhb://h:1/s?key=k&token=s3cret"]).unwrap()
+        else {
             panic!()
         };
         assert!(!format!("{b:?}").contains("s3cret"));

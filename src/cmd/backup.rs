@@ -120,9 +120,10 @@ pub fn run(args: BackupArgs) -> Result<()> {
     let streams = args.streams.map(usize::from);
     let destination = match (&args.target_dir, &args.to, &args.via_ssh) {
         (Some(dir), _, _) => Destination::Dir(DirSink::create(dir)?),
-        (None, Some(to), _) => {
-            Destination::Net(Box::new(NetSink::connect(&read_url(to)?, streams)?), None)
-        }
+        (None, Some(to), _) => Destination::Net(
+            Box::new(NetSink::connect(&read_url(&to.0)?, streams)?),
+            None,
+        ),
         (None, None, Some(ssh)) => {
             let remote = RemoteReceiver::start(&ssh.host, &ssh.args)?;
             Destination::Net(

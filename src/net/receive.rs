@@ -18,7 +18,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ use crate::cancel::Cancel;
 use crate::error::{Error, IoContext, Result};
 use crate::format::layout::MANIFEST_NAME;
 use crate::format::manifest::{FileRecord, Manifest};
-use crate::format::{combine_crc, safe_components};
+use crate::format::{combine_crc, safe_components, CHUNK_SIZE};
 use crate::sink::dir::{publish_manifest, sync_dir};
 use crate::{info, warn};
 
@@ -41,6 +41,8 @@ use crate::{info, warn};
 pub const JOURNAL_NAME: &str = ".myrocks_hotbackup.receiving";
 /// Connections served at once (a sender's streams, and room for refusals).
 const MAX_CONNECTIONS: usize = 64;
+/// How often the receiver logs what arrived.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Time after which a sender silent on every connection may be replaced by a new one.
 const TAKEOVER_AFTER: Duration = Duration::from_secs(3);
 
@@ -113,12 +115,22 @@ impl Receiver {
             session: url.session.clone(),
             token: url.token.clone(),
             state: Mutex::new(State {
-                done: held.into_iter().map(|r| (r.path.clone(), (r, 0))).collect(),
+                done: held
+                    .whole
+                    .into_iter()
+                    .map(|r| (r.path.clone(), (r, 0)))
+                    .collect(),
+                parts: held
+                    .partial
+                    .into_iter()
+                    .map(|p| part_on_disk(&options.target, p))
+                    .collect::<Result<_>>()?,
                 ..State::default()
             }),
             changed: Condvar::new(),
             journal: Mutex::new(journal),
             connections: AtomicUsize::new(0),
+            written: AtomicU64::new(0),
             after_commit: Mutex::new(None),
         };
         Ok(Receiver {
@@ -146,7 +158,22 @@ impl Receiver {
             .set_nonblocking(true)
             .context(|| "cannot set up the listener".into())?;
         let mut last_seen = Instant::now();
+        let (mut shown_at, mut shown) = (Instant::now(), 0u64);
         loop {
+            if shown_at.elapsed() >= PROGRESS_EVERY {
+                let written = self.session.written.load(Ordering::Relaxed);
+                if written > shown {
+                    info!(
+                        "Received {} ({}/s), {} files complete",
+                        crate::log::human(written),
+                        crate::log::human(
+                            ((written - shown) as f64 / shown_at.elapsed().as_secs_f64()) as u64
+                        ),
+                        lock(&self.session.state).done.len()
+                    );
+                }
+                (shown_at, shown) = (Instant::now(), written);
+            }
             if let Some(outcome) = self.session.outcome_sent() {
                 return outcome;
             }
@@ -219,11 +246,11 @@ fn listen_address(listen: Option<&str>) -> Result<(SocketAddr, String)> {
 
 /// Checks the target: absent (created), empty, or an interrupted transfer's (its journal's
 /// files are checked again; anything else of it is removed). Returns the files held.
-fn prepare_target(root: &Path) -> Result<Vec<FileRecord>> {
+fn prepare_target(root: &Path) -> Result<Held> {
     match fs::symlink_metadata(root) {
         Err(e) if e.kind() == ErrorKind::NotFound => {
             fs::create_dir(root).with_path("create the target directory", root)?;
-            return Ok(Vec::new());
+            return Ok(Held::default());
         }
         Err(e) => return Err(Error::io(format!("cannot stat {}", root.display()), e)),
         Ok(md) if !md.is_dir() => {
@@ -251,7 +278,7 @@ fn prepare_target(root: &Path) -> Result<Vec<FileRecord>> {
                 root.display()
             )));
         }
-        return Ok(Vec::new());
+        return Ok(Held::default());
     }
     let mut held: BTreeMap<String, FileRecord> = BTreeMap::new();
     let lines = BufReader::new(File::open(&journal).with_path("open", &journal)?);
@@ -281,7 +308,16 @@ fn prepare_target(root: &Path) -> Result<Vec<FileRecord>> {
     }
     let keep: std::collections::HashSet<PathBuf> =
         kept.iter().map(|r| root.join(&r.path)).collect();
-    remove_files_except(root, &keep, &journal)?;
+    let mut others = Vec::new();
+    files_except(root, "", &keep, &journal, &mut others)?;
+    // A file not in the journal was cut short: its blocks are offered to the sender, which
+    // sends again only those whose bytes differ (a block never written reads as zeros).
+    let mut partial = Vec::new();
+    for path in others {
+        let full = root.join(&path);
+        let blocks = block_crcs(&full).with_path("read", &full)?;
+        partial.push(Partial { path, blocks });
+    }
     // The journal is written again, with only what is held.
     let mut fresh = Vec::new();
     for record in &kept {
@@ -295,12 +331,40 @@ fn prepare_target(root: &Path) -> Result<Vec<FileRecord>> {
         .with_path("write", &journal)?;
     sync_dir(root)?;
     info!(
-        "Resuming into {}: {} files already held ({})",
+        "Resuming into {}: {} files already held ({}), {} in part",
         root.display(),
         kept.len(),
-        crate::log::human(kept.iter().map(|r| r.size).sum())
+        crate::log::human(kept.iter().map(|r| r.size).sum()),
+        partial.len()
     );
-    Ok(kept)
+    Ok(Held {
+        whole: kept,
+        partial,
+    })
+}
+
+/// What a receiving directory already holds: files whole and verified, and blocks of
+/// files cut short, as `(offset, length, CRC-32)`.
+#[derive(Default)]
+struct Held {
+    whole: Vec<FileRecord>,
+    partial: Vec<Partial>,
+}
+
+/// The CRC-32 of each block of a file, at the sender's block boundaries.
+fn block_crcs(path: &Path) -> std::io::Result<Vec<(u64, u32, u32)>> {
+    let mut file = File::open(path)?;
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut blocks = Vec::new();
+    let mut offset = 0u64;
+    loop {
+        let n = crate::format::read_full(&mut file, &mut buf)?;
+        if n == 0 {
+            return Ok(blocks);
+        }
+        blocks.push((offset, n as u32, crc32fast::hash(&buf[..n])));
+        offset += n as u64;
+    }
 }
 
 fn crc_of(path: &Path) -> std::io::Result<(u64, u32)> {
@@ -318,25 +382,50 @@ fn crc_of(path: &Path) -> std::io::Result<(u64, u32)> {
     }
 }
 
-/// Removes every regular file under `dir` but `keep` and `journal` (they are all the
-/// receiver's own: the directory was empty when it began), and directories left empty.
-fn remove_files_except(
-    dir: &Path,
+/// The regular files under `root/rel` but `keep` and `journal`, as paths relative to
+/// `root` (every file there is the receiver's own: the directory was empty when it began).
+fn files_except(
+    root: &Path,
+    rel: &str,
     keep: &std::collections::HashSet<PathBuf>,
     journal: &Path,
+    out: &mut Vec<String>,
 ) -> Result<()> {
-    for entry in fs::read_dir(dir).with_path("list", dir)? {
-        let entry = entry.with_path("list", dir)?;
+    let dir = root.join(rel);
+    for entry in fs::read_dir(&dir).with_path("list", &dir)? {
+        let entry = entry.with_path("list", &dir)?;
         let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let name = match rel {
+            "" => name,
+            _ => format!("{rel}/{name}"),
+        };
         let kind = entry.file_type().with_path("stat", &path)?;
         if kind.is_dir() {
-            remove_files_except(&path, keep, journal)?;
-            let _ = fs::remove_dir(&path);
-        } else if path != journal && !keep.contains(&path) {
-            fs::remove_file(&path).with_path("remove", &path)?;
+            files_except(root, &name, keep, journal, out)?;
+        } else if kind.is_file() && path != journal && !keep.contains(&path) {
+            out.push(name);
         }
     }
     Ok(())
+}
+
+/// A file cut short by an earlier receiver, taken up again.
+fn part_on_disk(root: &Path, partial: Partial) -> Result<(String, Part)> {
+    let Partial { path, blocks } = partial;
+    let full = root.join(&path);
+    let file = OpenOptions::new()
+        .write(true)
+        .open(&full)
+        .with_path("open", &full)?;
+    let part = Part {
+        file: Arc::new(file),
+        generation: 0,
+        blocks: blocks.into_iter().map(|(o, l, c)| (o, (l, c))).collect(),
+        end: None,
+        finishing: false,
+    };
+    Ok((path, part))
 }
 
 /// A file being received.
@@ -378,6 +467,8 @@ struct Session {
     changed: Condvar,
     journal: Mutex<File>,
     connections: AtomicUsize,
+    /// Block bytes written so far.
+    written: AtomicU64,
     after_commit: Mutex<Option<AfterCommit>>,
 }
 
@@ -724,6 +815,7 @@ impl Session {
         };
         file.write_all_at(data, offset)
             .with_path("write", &self.root.join(path))?;
+        self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut state = lock(&self.state);
         match state.parts.get_mut(path) {
             Some(part) => {

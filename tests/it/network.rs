@@ -420,7 +420,8 @@ fn a_cut_link_and_a_killed_sender_both_finish_sending_little_twice() {
     assert!(sent + held <= stored + RESEND_BOUND, "{figures}");
 
     // Both ends killed: a receiver started again on the directory keeps what its journal
-    // holds (read and checked again), and a new sender sends only the rest.
+    // holds (read and checked again) and offers the blocks of files cut short; a new
+    // sender sends only the rest.
     let dir = tmp.path().join("both");
     let receiver = receive(receive_cmd(Some(&link), &dir, &[]));
     let first = send(Some(&link), &source, &receiver.url, &[]);
@@ -444,7 +445,19 @@ fn a_cut_link_and_a_killed_sender_both_finish_sending_little_twice() {
     verify_ok(&dir);
     let figures = network_figures(&report);
     eprintln!("both killed: {figures}");
-    assert!(figures["bytes_held"].as_u64().unwrap() > 0, "{figures}");
+    let r: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
+    let (held, sent) = (
+        figures["bytes_held"].as_u64().unwrap(),
+        figures["bytes_sent"].as_u64().unwrap(),
+    );
+    assert!(
+        held >= 40 << 20,
+        "what arrived is not sent again: {figures}"
+    );
+    assert!(
+        sent + held <= r["stored_bytes"].as_u64().unwrap() + RESEND_BOUND,
+        "{figures}"
+    );
 }
 
 #[test]
