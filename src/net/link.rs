@@ -11,8 +11,10 @@ use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerCon
 
 /// Quiet time after which a side sends a heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
-/// Silence (or unacknowledged bytes) after which a connection is declared dead.
-pub const DEAD_AFTER: Duration = Duration::from_secs(8);
+/// Silence (or unacknowledged bytes) after which a connection is declared dead. Longer
+/// than a short outage plus TCP's retransmission back-off, so that a connection outlives
+/// a blip and resumes by itself, with nothing sent twice.
+pub const DEAD_AFTER: Duration = Duration::from_secs(20);
 /// Time a connection or its handshake may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest frame body accepted: a block and its header.

@@ -472,6 +472,21 @@ struct Session {
     after_commit: Mutex<Option<AfterCommit>>,
 }
 
+/// What the receiver holds, whole and in part, for a sender that connects.
+fn welcome(state: &State) -> Welcome {
+    Welcome {
+        held: state.done.values().map(|(r, _)| r.clone()).collect(),
+        partial: state
+            .parts
+            .iter()
+            .map(|(path, part)| Partial {
+                path: path.clone(),
+                blocks: part.blocks.iter().map(|(&o, &(l, c))| (o, l, c)).collect(),
+            })
+            .collect(),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -580,7 +595,8 @@ impl Session {
                 let generation = *generation;
                 state.live += 1;
                 state.last_heard = Some(Instant::now());
-                return Ok((generation, Welcome::default()));
+                // A reconnection: what is held spares blocks whose acknowledgement was lost.
+                return Ok((generation, welcome(&state)));
             }
             Some(_) => {
                 let quiet = state
@@ -602,18 +618,7 @@ impl Session {
         state.live = 1;
         state.last_heard = Some(Instant::now());
         state.source = Some((link.peer.ip(), hello.host.clone()));
-        let welcome = Welcome {
-            held: state.done.values().map(|(r, _)| r.clone()).collect(),
-            partial: state
-                .parts
-                .iter()
-                .map(|(path, part)| Partial {
-                    path: path.clone(),
-                    blocks: part.blocks.iter().map(|(&o, &(l, c))| (o, l, c)).collect(),
-                })
-                .collect(),
-        };
-        Ok((generation, welcome))
+        Ok((generation, welcome(&state)))
     }
 
     fn current(&self, generation: u64) -> bool {

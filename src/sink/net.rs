@@ -46,6 +46,8 @@ enum Out {
         offset: u64,
         crc32: u32,
         data: Buf,
+        /// Sent before, on a connection that was lost.
+        again: bool,
     },
     End {
         id: u64,
@@ -80,6 +82,7 @@ impl Out {
                 offset,
                 crc32,
                 data,
+                ..
             } => {
                 let header = BlockHeader {
                     id: *id,
@@ -97,10 +100,17 @@ impl Out {
     }
 }
 
+/// A file whose end was sent: its record, and the receiver's word once it came (`None`
+/// when accepted, the problem otherwise).
+struct Pending {
+    record: FileRecord,
+    word: Option<Option<String>>,
+}
+
 #[derive(Default)]
 struct State {
     /// Files whose end was sent, and the receiver's word on them once it came.
-    files: HashMap<String, Option<Option<String>>>,
+    files: HashMap<String, Pending>,
     committed: Option<Committed>,
     failed: Option<String>,
 }
@@ -407,21 +417,26 @@ impl SinkFile for NetFile<'_> {
             offset,
             crc32: chunk.crc32,
             data: chunk.data,
+            again: false,
         })
     }
 
     fn finish(self: Box<Self>, record: &FileRecord) -> Result<()> {
         let shared = &self.sink.shared;
-        lock(&shared.state)
-            .files
-            .insert(self.path.to_string(), None);
+        lock(&shared.state).files.insert(
+            self.path.to_string(),
+            Pending {
+                record: record.clone(),
+                word: None,
+            },
+        );
         self.sink.put(Out::End {
             id: self.sink.id(),
             record: proto::to_json(record),
         })?;
         let mut state = lock(&shared.state);
         loop {
-            if let Some(word) = state.files.get(&*self.path).cloned().flatten() {
+            if let Some(word) = state.files.get(&*self.path).and_then(|p| p.word.clone()) {
                 state.files.remove(&*self.path);
                 return match word {
                     None => Ok(()),
@@ -499,11 +514,12 @@ impl Shared {
             let mut current = match link.take() {
                 Some(l) => l,
                 None => match self.connect() {
-                    Ok((l, _)) => {
+                    Ok((l, welcome)) => {
                         if down_since.take().is_some() {
                             self.reconnects.fetch_add(1, Ordering::Relaxed);
                             info!("Connection {n} to the receiver is back");
                         }
+                        self.drop_held(&welcome);
                         pause = Duration::from_millis(200);
                         l
                     }
@@ -539,15 +555,55 @@ impl Shared {
                     warn!("Connection {n} to the receiver lost: {e}; reconnecting");
                     down_since = Some(Instant::now());
                     let mut retry = lock(&self.retry);
-                    for out in unacked.into_iter().rev() {
-                        if matches!(out, Out::Block { .. }) {
-                            self.resent.fetch_add(out.len() as u64, Ordering::Relaxed);
+                    for mut out in unacked.into_iter().rev() {
+                        if let Out::Block { again, .. } = &mut out {
+                            *again = true;
                         }
                         retry.push_front(out);
                     }
                 }
             }
         }
+    }
+
+    /// Forgets blocks waiting to go again that the receiver says it holds: they arrived
+    /// before their connection was lost, and only the acknowledgement did not.
+    fn drop_held(&self, welcome: &Welcome) {
+        // A file held whole, exactly as sent, is done even if the word was lost.
+        let mut state = lock(&self.state);
+        for held in &welcome.held {
+            if let Some(pending) = state.files.get_mut(&held.path) {
+                if pending.record.size == held.size && pending.record.crc32 == held.crc32 {
+                    pending.word.get_or_insert(None);
+                }
+            }
+        }
+        drop(state);
+        self.changed.notify_all();
+        let mut retry = lock(&self.retry);
+        if retry.is_empty() {
+            return;
+        }
+        let whole: std::collections::HashSet<&str> =
+            welcome.held.iter().map(|r| r.path.as_str()).collect();
+        let blocks: std::collections::HashSet<(&str, u64, u32, u32)> = welcome
+            .partial
+            .iter()
+            .flat_map(|p| p.blocks.iter().map(|&(o, l, c)| (p.path.as_str(), o, l, c)))
+            .collect();
+        retry.retain(|out| match out {
+            Out::Block {
+                path,
+                offset,
+                crc32,
+                data,
+                ..
+            } => {
+                !whole.contains(&**path)
+                    && !blocks.contains(&(&**path, *offset, data.len() as u32, *crc32))
+            }
+            _ => true,
+        });
     }
 
     fn next(&self, wait: Duration) -> Option<Out> {
@@ -623,8 +679,8 @@ impl Shared {
             proto::FILE_DONE => {
                 let done: FileDone = proto::from_json(&frame.body)?;
                 let mut state = lock(&self.state);
-                if let Some(word) = state.files.get_mut(&done.path) {
-                    *word = Some(done.problem);
+                if let Some(pending) = state.files.get_mut(&done.path) {
+                    pending.word = Some(done.problem);
                 }
                 drop(state);
                 self.changed.notify_all();
