@@ -413,3 +413,19 @@ pub fn wait_readable(fd: &impl AsRawFd, timeout: std::time::Duration) -> std::io
         }
     }
 }
+
+/// Takes an exclusive advisory lock on an open file or directory without waiting; false
+/// when another process holds it. Released when the file is closed.
+pub fn try_lock_exclusive(file: &File) -> std::io::Result<bool> {
+    // SAFETY: a valid descriptor.
+    match unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } {
+        0 => Ok(true),
+        _ => {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                true => Ok(false),
+                false => Err(e),
+            }
+        }
+    }
+}

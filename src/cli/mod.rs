@@ -32,7 +32,7 @@ Examples:
 
   Send a backup over the network: start a receiver on the other host, which prints its
   URL once, and give the URL to the backup through a file (it holds a secret):
-    db2$ myrocks-hotbackup receive --target-dir /backups/today > /tmp/url
+    db2$ (umask 077; myrocks-hotbackup receive --target-dir /backups/today > /tmp/url)
     db1$ myrocks-hotbackup backup --to @/tmp/url        (or: ssh db2 cat /tmp/url | ... --to -)
 
   Copy this server onto another host over ssh, restored and ready to start as a replica:

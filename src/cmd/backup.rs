@@ -52,8 +52,20 @@ fn read_url(to: &str) -> Result<Url> {
             line
         }
         _ => match to.strip_prefix('@') {
-            Some(path) => std::fs::read_to_string(path)
-                .with_path("read the receiver's URL from", std::path::Path::new(path))?,
+            Some(path) => {
+                let path = std::path::Path::new(path);
+                let text = std::fs::read_to_string(path)
+                    .with_path("read the receiver's URL from", path)?;
+                if std::fs::metadata(path).is_ok_and(|m| {
+                    std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o077 != 0
+                }) {
+                    warn!(
+                        "{} can be read by other users, and the URL in it is a secret: create it with umask 077",
+                        path.display()
+                    );
+                }
+                text
+            }
             None => {
                 warn!("the receiver's URL was given on the command line, where other users of this host may read it: pass it as --to @FILE or --to - instead");
                 to.to_string()
@@ -118,16 +130,26 @@ pub fn run(args: BackupArgs) -> Result<()> {
         bytes_per_sec: args.avg_mbytes_per_sec.map(|m| m << 20),
     };
     let streams = args.streams.map(usize::from);
+    // The server backed up, as far as this host can tell before connecting to it.
+    let source = format!(
+        "{}:{}",
+        crate::sys::hostname(),
+        match (&args.conn.socket, &args.conn.host) {
+            (Some(socket), _) => socket.display().to_string(),
+            (None, Some(host)) => format!("{host}:{}", args.conn.port.unwrap_or(3306)),
+            (None, None) => "default socket".to_string(),
+        }
+    );
     let destination = match (&args.target_dir, &args.to, &args.via_ssh) {
         (Some(dir), _, _) => Destination::Dir(DirSink::create(dir)?),
         (None, Some(to), _) => Destination::Net(
-            Box::new(NetSink::connect(&read_url(&to.0)?, streams)?),
+            Box::new(NetSink::connect(&read_url(&to.0)?, streams, source)?),
             None,
         ),
         (None, None, Some(ssh)) => {
             let remote = RemoteReceiver::start(&ssh.host, &ssh.args)?;
             Destination::Net(
-                Box::new(NetSink::connect(&remote.url, streams)?),
+                Box::new(NetSink::connect(&remote.url, streams, source)?),
                 Some(remote),
             )
         }

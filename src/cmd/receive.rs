@@ -92,7 +92,13 @@ fn restore_and_set_up(
     setup: &Path,
     cancel: &Cancel,
 ) -> Result<Vec<String>> {
-    restore::run(args, Mode::Move, cancel)?;
+    restore::run(args, Mode::Move, cancel).map_err(|e| {
+        Error::Refused(format!(
+            "the backup in {} is complete and verified, but restoring it into {} failed: {e}",
+            args.backup_dir.display(),
+            args.datadir.display()
+        ))
+    })?;
     let mut report = vec![format!("restored into {}", args.datadir.display())];
     let backup = &received.manifest.backup;
     let gtid = backup["binlog"]["gtid_binlog_pos"]

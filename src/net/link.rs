@@ -2,7 +2,7 @@
 //! body. One thread drives each connection, sending and receiving in turn, so the TLS state
 //! is never shared; sockets fail on a dead path within [`DEAD_AFTER`].
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +17,12 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const DEAD_AFTER: Duration = Duration::from_secs(20);
 /// Time a connection or its handshake may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The largest frame body accepted: a block and its header.
-const MAX_FRAME: usize = 64 << 20;
+/// The largest frame body accepted from an admitted peer (a manifest of many files); and
+/// from one not yet admitted (a hello).
+pub const MAX_FRAME: usize = 256 << 20;
+const MAX_FRAME_BEFORE_ADMISSION: usize = 64 << 10;
+/// Socket reads, buffered: TLS reads records a few KiB at a time.
+const READ_BUFFER: usize = 256 << 10;
 /// Plaintext handed to TLS at a time, so that its buffers stay small.
 const PIECE: usize = 64 << 10;
 
@@ -30,9 +34,12 @@ pub struct Frame {
 pub struct Link {
     tls: Connection,
     sock: TcpStream,
+    reader: BufReader<TcpStream>,
     inbuf: Vec<u8>,
+    max_frame: usize,
     pub peer: SocketAddr,
     pub last_sent: Instant,
+    /// When bytes last arrived (a slow link carrying one large frame is alive).
     pub last_heard: Instant,
 }
 
@@ -60,31 +67,54 @@ impl Link {
         Link::handshake(sock, tls.into(), peer)
     }
 
+    /// The handshake, within [`CONNECT_TIMEOUT`] in all (a peer trickling bytes does not
+    /// hold it open).
     fn handshake(mut sock: TcpStream, mut tls: Connection, peer: SocketAddr) -> io::Result<Link> {
         tune(&sock)?;
-        sock.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let timed_out = || io::Error::new(ErrorKind::TimedOut, "the TLS handshake took too long");
         while tls.is_handshaking() {
-            match tls.complete_io(&mut sock) {
-                Ok(_) => {}
-                Err(e) => {
-                    // Tell the peer why (an alert), if the socket still takes it.
-                    let _ = tls.write_tls(&mut sock);
-                    return Err(e);
-                }
+            while tls.wants_write() {
+                tls.write_tls(&mut sock)?;
+            }
+            if !tls.is_handshaking() {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !crate::sys::wait_readable(&sock, left)? {
+                return Err(timed_out());
+            }
+            if tls.read_tls(&mut sock)? == 0 {
+                return Err(io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the peer closed the connection during the handshake",
+                ));
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // Tell the peer why (an alert), if the socket still takes it.
+                let _ = tls.write_tls(&mut sock);
+                return Err(io::Error::new(ErrorKind::InvalidData, e));
             }
         }
         while tls.wants_write() {
             tls.write_tls(&mut sock)?;
         }
-        sock.set_read_timeout(None)?;
+        let reader = BufReader::with_capacity(READ_BUFFER, sock.try_clone()?);
         Ok(Link {
             tls,
             sock,
+            reader,
             inbuf: Vec::new(),
+            max_frame: MAX_FRAME_BEFORE_ADMISSION,
             peer,
             last_sent: Instant::now(),
             last_heard: Instant::now(),
         })
+    }
+
+    /// Lets the peer send frames of any size the protocol uses (once it is admitted).
+    pub fn admit(&mut self) {
+        self.max_frame = MAX_FRAME;
     }
 
     /// The fingerprint of the key the peer proved it holds.
@@ -130,17 +160,18 @@ impl Link {
             }
             if !fresh {
                 let wait = deadline.saturating_duration_since(Instant::now());
-                if !crate::sys::wait_readable(&self.sock, wait)? {
+                if self.reader.buffer().is_empty() && !crate::sys::wait_readable(&self.sock, wait)?
+                {
                     return Ok(None);
                 }
-                match self.tls.read_tls(&mut self.sock) {
+                match self.tls.read_tls(&mut self.reader) {
                     Ok(0) => {
                         return Err(io::Error::new(
                             ErrorKind::UnexpectedEof,
                             "the peer closed the connection",
                         ))
                     }
-                    Ok(_) => {}
+                    Ok(_) => self.last_heard = Instant::now(),
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
                 }
@@ -177,7 +208,7 @@ impl Link {
             return Ok(None);
         }
         let len = u32::from_le_bytes(self.inbuf[1..5].try_into().expect("4 bytes")) as usize;
-        if len > MAX_FRAME {
+        if len > self.max_frame {
             return Err(io::Error::new(
                 ErrorKind::InvalidData,
                 format!("a frame of {len} bytes is larger than any the protocol sends"),
@@ -186,7 +217,6 @@ impl Link {
         if self.inbuf.len() < 5 + len {
             return Ok(None);
         }
-        self.last_heard = Instant::now();
         let kind = self.inbuf[0];
         let body = self.inbuf[5..5 + len].to_vec();
         self.inbuf.drain(..5 + len);

@@ -34,6 +34,9 @@ pub struct Hello {
     pub token: String,
     /// The sending host's name.
     pub host: String,
+    /// The server backed up (host, and socket or port): files held of another server are
+    /// not reused, as SST names repeat across servers.
+    pub source: String,
 }
 
 impl std::fmt::Debug for Hello {
@@ -65,6 +68,14 @@ pub struct Refused {
     pub reason: String,
     /// True when the same sender may try again soon (another sender is still finishing).
     pub retry: bool,
+}
+
+/// The end of a file: what it is, and every block it is made of, `(offset, length,
+/// CRC-32)` (sent now or held already), so the receiver knows when it has them all.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct End {
+    pub record: FileRecord,
+    pub blocks: Vec<(u64, u32, u32)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -26,21 +26,23 @@ use rustls::ServerConfig;
 use serde::{Deserialize, Serialize};
 
 use super::link::{Frame, Link, CONNECT_TIMEOUT, DEAD_AFTER, HEARTBEAT};
-use super::proto::{self, BlockHeader, Committed, FileDone, Hello, Partial, Refused, Welcome};
+use super::proto::{self, BlockHeader, Committed, End, FileDone, Hello, Partial, Refused, Welcome};
 use super::tls::{self, Identity};
 use super::Url;
 use crate::cancel::Cancel;
 use crate::error::{Error, IoContext, Result};
 use crate::format::layout::MANIFEST_NAME;
 use crate::format::manifest::{FileRecord, Manifest};
-use crate::format::{combine_crc, safe_components, CHUNK_SIZE};
+use crate::format::{safe_components, CHUNK_SIZE};
 use crate::sink::dir::{publish_manifest, sync_dir};
 use crate::{info, warn};
 
 /// The journal of a receiving directory: files held whole and verified.
 pub const JOURNAL_NAME: &str = ".myrocks_hotbackup.receiving";
-/// Connections served at once (a sender's streams, and room for refusals).
-const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once (a sender's streams, and room for refusals), and of those,
+/// connections not yet admitted (a stranger cannot crowd out the sender).
+const MAX_CONNECTIONS: usize = 80;
+const MAX_UNADMITTED: usize = 16;
 /// How often the receiver logs what arrived.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Time after which a sender silent on every connection may be replaced by a new one.
@@ -69,6 +71,8 @@ pub struct Received {
 pub type AfterCommit = Box<dyn Fn(&Received) -> Result<Vec<String>> + Send + Sync>;
 
 pub struct Receiver {
+    /// Held while the receiver runs: one receiver per directory.
+    _dir_lock: File,
     listener: TcpListener,
     url: Url,
     config: Arc<ServerConfig>,
@@ -82,12 +86,16 @@ enum JournalLine {
     Done(FileRecord),
     #[serde(rename = "removed")]
     Removed(String),
+    /// The server the files come from.
+    #[serde(rename = "source")]
+    Source(String),
 }
 
 impl Receiver {
     /// Takes the target directory (new, empty, or an interrupted transfer's), makes a key
     /// and listens.
     pub fn bind(options: &Options) -> Result<Receiver> {
+        let dir_lock = lock_target(&options.target)?;
         let held = prepare_target(&options.target)?;
         let (addr, host) = listen_address(options.listen.as_deref())?;
         let listener = TcpListener::bind(addr).context(|| format!("cannot listen on {addr}"))?;
@@ -125,15 +133,18 @@ impl Receiver {
                     .into_iter()
                     .map(|p| part_on_disk(&options.target, p))
                     .collect::<Result<_>>()?,
+                source_id: held.source,
                 ..State::default()
             }),
             changed: Condvar::new(),
             journal: Mutex::new(journal),
             connections: AtomicUsize::new(0),
+            unadmitted: AtomicUsize::new(0),
             written: AtomicU64::new(0),
             after_commit: Mutex::new(None),
         };
         Ok(Receiver {
+            _dir_lock: dir_lock,
             listener,
             url,
             config: tls::server_config(&identity)?,
@@ -202,18 +213,24 @@ impl Receiver {
     }
 
     fn serve(&self, sock: TcpStream, peer: SocketAddr) {
-        if self.session.connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+        if self.session.connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS
+            || self.session.unadmitted.load(Ordering::Relaxed) >= MAX_UNADMITTED
+        {
             warn!("refused a connection from {peer}: too many connections");
             return;
         }
         let _ = sock.set_nonblocking(false);
         self.session.connections.fetch_add(1, Ordering::Relaxed);
+        self.session.unadmitted.fetch_add(1, Ordering::Relaxed);
         let session = self.session.clone();
         let config = self.config.clone();
         std::thread::spawn(move || {
             match Link::accept(sock, config) {
                 Ok(link) => session.connection(link),
-                Err(e) => warn!("refused a connection from {peer}: no valid TLS handshake ({e})"),
+                Err(e) => {
+                    session.unadmitted.fetch_sub(1, Ordering::Relaxed);
+                    warn!("refused a connection from {peer}: no valid TLS handshake ({e})")
+                }
             }
             session.connections.fetch_sub(1, Ordering::Relaxed);
         });
@@ -242,6 +259,23 @@ fn listen_address(listen: Option<&str>) -> Result<(SocketAddr, String)> {
         false => ip.to_string(),
     };
     Ok((SocketAddr::new(ip, port), shown))
+}
+
+/// Creates the target if absent, and locks it: one receiver per directory.
+fn lock_target(root: &Path) -> Result<File> {
+    match fs::create_dir(root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(format!("cannot create {}", root.display()), e)),
+    }
+    let dir = File::open(root).with_path("open", root)?;
+    match crate::sys::try_lock_exclusive(&dir).with_path("lock", root)? {
+        true => Ok(dir),
+        false => Err(Error::Refused(format!(
+            "another receiver is using {}: stop it first",
+            root.display()
+        ))),
+    }
 }
 
 /// Checks the target: absent (created), empty, or an interrupted transfer's (its journal's
@@ -281,6 +315,7 @@ fn prepare_target(root: &Path) -> Result<Held> {
         return Ok(Held::default());
     }
     let mut held: BTreeMap<String, FileRecord> = BTreeMap::new();
+    let mut source = None;
     let lines = BufReader::new(File::open(&journal).with_path("open", &journal)?);
     for line in lines.lines() {
         let line = line.with_path("read", &journal)?;
@@ -292,9 +327,15 @@ fn prepare_target(root: &Path) -> Result<Held> {
             Ok(JournalLine::Removed(path)) => {
                 held.remove(&path);
             }
+            Ok(JournalLine::Source(id)) => source = Some(id),
             Err(_) => {}
         }
     }
+    info!(
+        "Resuming into {}: checking the {} files received before",
+        root.display(),
+        held.len()
+    );
     let mut kept = Vec::new();
     for record in held.into_values() {
         let path = root.join(&record.path);
@@ -320,6 +361,10 @@ fn prepare_target(root: &Path) -> Result<Held> {
     }
     // The journal is written again, with only what is held.
     let mut fresh = Vec::new();
+    if let Some(id) = &source {
+        fresh.extend(proto::to_json(&JournalLine::Source(id.clone())));
+        fresh.push(b'\n');
+    }
     for record in &kept {
         fresh.extend(proto::to_json(&JournalLine::Done(record.clone())));
         fresh.push(b'\n');
@@ -340,6 +385,7 @@ fn prepare_target(root: &Path) -> Result<Held> {
     Ok(Held {
         whole: kept,
         partial,
+        source,
     })
 }
 
@@ -349,6 +395,8 @@ fn prepare_target(root: &Path) -> Result<Held> {
 struct Held {
     whole: Vec<FileRecord>,
     partial: Vec<Partial>,
+    /// The server they came from.
+    source: Option<String>,
 }
 
 /// The CRC-32 of each block of a file, at the sender's block boundaries.
@@ -415,12 +463,12 @@ fn part_on_disk(root: &Path, partial: Partial) -> Result<(String, Part)> {
     let Partial { path, blocks } = partial;
     let full = root.join(&path);
     let file = OpenOptions::new()
+        .read(true)
         .write(true)
         .open(&full)
         .with_path("open", &full)?;
     let part = Part {
         file: Arc::new(file),
-        generation: 0,
         blocks: blocks.into_iter().map(|(o, l, c)| (o, (l, c))).collect(),
         end: None,
         finishing: false,
@@ -431,11 +479,19 @@ fn part_on_disk(root: &Path, partial: Partial) -> Result<(String, Part)> {
 /// A file being received.
 struct Part {
     file: Arc<File>,
-    generation: u64,
     /// Blocks written: offset to (length, CRC-32).
     blocks: BTreeMap<u64, (u32, u32)>,
-    end: Option<FileRecord>,
+    /// The file's end: its record and every block it is made of.
+    end: Option<End>,
     finishing: bool,
+}
+
+/// A frame from a sender whose place another sender took.
+fn superseded(state: &State, generation: u64) -> Result<()> {
+    match state.sender.as_ref().is_some_and(|s| s.1 == generation) {
+        true => Ok(()),
+        false => Err(Error::Network("another sender took over".into())),
+    }
 }
 
 #[derive(Default)]
@@ -447,6 +503,8 @@ struct State {
     live: usize,
     last_heard: Option<Instant>,
     source: Option<(IpAddr, String)>,
+    /// The server the files held came from (a sender's `source`).
+    source_id: Option<String>,
     parts: HashMap<String, Part>,
     done: HashMap<String, (FileRecord, u64)>,
     dirs: std::collections::HashSet<PathBuf>,
@@ -467,13 +525,18 @@ struct Session {
     changed: Condvar,
     journal: Mutex<File>,
     connections: AtomicUsize,
+    unadmitted: AtomicUsize,
     /// Block bytes written so far.
     written: AtomicU64,
     after_commit: Mutex<Option<AfterCommit>>,
 }
 
-/// What the receiver holds, whole and in part, for a sender that connects.
-fn welcome(state: &State) -> Welcome {
+/// What the receiver holds, whole and in part, for a sender that connects (nothing when
+/// the sender backs up another server than the files held came from).
+fn welcome(state: &State, same_source: bool) -> Welcome {
+    if !same_source {
+        return Welcome::default();
+    }
     Welcome {
         held: state.done.values().map(|(r, _)| r.clone()).collect(),
         partial: state
@@ -489,6 +552,11 @@ fn welcome(state: &State) -> Welcome {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn refuse_none<T>(link: Link, reason: &str, retry: bool) -> Option<T> {
+    refuse(link, reason, retry);
+    None
 }
 
 fn refuse(mut link: Link, reason: &str, retry: bool) {
@@ -515,9 +583,7 @@ impl Session {
     /// The end of the session, once its last word reached the sender (or could not).
     fn outcome_sent(&self) -> Option<Result<Received>> {
         let mut state = lock(&self.state);
-        let said = state.outcome_sent
-            || state.live == 0
-            || state.ended.is_some_and(|t| t.elapsed() > DEAD_AFTER);
+        let said = state.outcome_sent || state.ended.is_some_and(|t| t.elapsed() > DEAD_AFTER);
         match &state.outcome {
             Some(Err(reason)) if said => Some(Err(Error::Network(reason.clone()))),
             Some(Ok(_)) if said => state.received.take().map(Ok),
@@ -526,45 +592,13 @@ impl Session {
     }
 
     /// One connection, from its hello to its end.
-    fn connection(&self, mut link: Link) {
-        let hello = match link.recv(CONNECT_TIMEOUT) {
-            Ok(Some(Frame {
-                kind: proto::HELLO,
-                body,
-            })) => proto::from_json::<Hello>(&body),
-            Ok(_) => Err(Error::Network("no hello".into())),
-            Err(e) => Err(Error::Network(e.to_string())),
+    fn connection(&self, link: Link) {
+        let admitted = self.admission(link);
+        self.unadmitted.fetch_sub(1, Ordering::Relaxed);
+        let Some((mut link, generation)) = admitted else {
+            return;
         };
-        let hello = match hello {
-            Ok(h) => h,
-            Err(e) => return refuse(link, &format!("not a sender ({e})"), false),
-        };
-        if hello.version != proto::VERSION {
-            return refuse(
-                link,
-                &format!(
-                    "protocol version {} (this receiver speaks {})",
-                    hello.version,
-                    proto::VERSION
-                ),
-                false,
-            );
-        }
-        if !tls::same_secret(&hello.session, &self.session)
-            || !tls::same_secret(&hello.token, &self.token)
-        {
-            return refuse(link, "wrong session or token", false);
-        }
-        let Some(key) = link.peer_fingerprint() else {
-            return refuse(link, "no client key", false);
-        };
-        let (generation, welcome) = match self.admit(&key, &link, &hello) {
-            Ok(admitted) => admitted,
-            Err((reason, retry)) => return refuse(link, &reason, retry),
-        };
-        if let Err(e) = link.send(proto::WELCOME, &[&proto::to_json(&welcome)]) {
-            warn!("lost a connection from {}: {e}", link.peer);
-        } else if let Err(e) = self.serve(&mut link, generation) {
+        if let Err(e) = self.serve(&mut link, generation) {
             let state = lock(&self.state);
             if !state.stopped && state.outcome.is_none() {
                 warn!("lost a connection from {}: {e}", link.peer);
@@ -578,6 +612,56 @@ impl Session {
         self.changed.notify_all();
     }
 
+    /// The hello, its checks, and the welcome: the connection and its generation, once
+    /// admitted.
+    fn admission(&self, mut link: Link) -> Option<(Link, u64)> {
+        let hello = match link.recv(CONNECT_TIMEOUT) {
+            Ok(Some(Frame {
+                kind: proto::HELLO,
+                body,
+            })) => proto::from_json::<Hello>(&body),
+            Ok(_) => Err(Error::Network("no hello".into())),
+            Err(e) => Err(Error::Network(e.to_string())),
+        };
+        let hello = match hello {
+            Ok(h) => h,
+            Err(e) => return refuse_none(link, &format!("not a sender ({e})"), false),
+        };
+        if hello.version != proto::VERSION {
+            return refuse_none(
+                link,
+                &format!(
+                    "protocol version {} (this receiver speaks {})",
+                    hello.version,
+                    proto::VERSION
+                ),
+                false,
+            );
+        }
+        if !tls::same_secret(&hello.session, &self.session)
+            || !tls::same_secret(&hello.token, &self.token)
+        {
+            return refuse_none(link, "wrong session or token", false);
+        }
+        let Some(key) = link.peer_fingerprint() else {
+            return refuse_none(link, "no client key", false);
+        };
+        link.admit();
+        let (generation, welcome) = match self.admit(&key, &link, &hello) {
+            Ok(admitted) => admitted,
+            Err((reason, retry)) => return refuse_none(link, &reason, retry),
+        };
+        if let Err(e) = link.send(proto::WELCOME, &[&proto::to_json(&welcome)]) {
+            warn!("lost a connection from {}: {e}", link.peer);
+            let mut state = lock(&self.state);
+            if state.sender.as_ref().is_some_and(|s| s.1 == generation) {
+                state.live -= 1;
+            }
+            return None;
+        }
+        Some((link, generation))
+    }
+
     /// Binds the session to the first sender's key; lets it reconnect; lets a new sender
     /// take over from one that has gone quiet (a sender killed and run again).
     fn admit(
@@ -587,30 +671,48 @@ impl Session {
         hello: &Hello,
     ) -> std::result::Result<(u64, Welcome), (String, bool)> {
         let mut state = lock(&self.state);
-        if state.outcome.is_some() || state.committing || state.stopped {
-            return Err(("the transfer has ended".into(), false));
+        if state.stopped {
+            return Err(("the receiver is stopping".into(), false));
         }
         match &state.sender {
             Some((bound, generation)) if bound == key => {
+                // A reconnection (also while committing: the outcome is sent again); what
+                // is held spares blocks whose acknowledgement was lost.
                 let generation = *generation;
                 state.live += 1;
                 state.last_heard = Some(Instant::now());
-                // A reconnection: what is held spares blocks whose acknowledgement was lost.
-                return Ok((generation, welcome(&state)));
+                return Ok((generation, welcome(&state, true)));
             }
-            Some(_) => {
+            _ if state.outcome.is_some() || state.committing => {
+                return Err(("the transfer has ended".into(), false));
+            }
+            Some(_) if state.live > 0 => {
+                // Taken over only once every connection of the other is gone. One that went
+                // quiet may be dead (its connections end within DEAD_AFTER): worth a retry.
                 let quiet = state
                     .last_heard
                     .is_none_or(|t| t.elapsed() >= TAKEOVER_AFTER);
-                if state.live > 0 && !quiet {
-                    return Err((
-                        "another sender is transferring to this receiver".into(),
-                        true,
-                    ));
-                }
-                info!("a new sender from {} takes over the transfer", link.peer);
+                return Err((
+                    "another sender is transferring to this receiver".into(),
+                    quiet,
+                ));
             }
+            Some(_) => info!("a new sender from {} takes over the transfer", link.peer),
             None => info!("sender {} ({}) connected", link.peer, hello.host),
+        }
+        // Files held of another source are not offered: SST names repeat across servers.
+        let same_source = state.source_id.as_deref().is_none_or(|s| s == hello.source);
+        if !same_source {
+            warn!(
+                "the sender backs up another server ({}) than the one this directory holds files of ({}): nothing held is reused",
+                hello.source,
+                state.source_id.as_deref().unwrap_or_default()
+            );
+        }
+        if state.source_id.as_deref() != Some(hello.source.as_str()) {
+            self.journal(&JournalLine::Source(hello.source.clone()))
+                .map_err(|e| (e.to_string(), false))?;
+            state.source_id = Some(hello.source.clone());
         }
         state.generation += 1;
         let generation = state.generation;
@@ -618,20 +720,19 @@ impl Session {
         state.live = 1;
         state.last_heard = Some(Instant::now());
         state.source = Some((link.peer.ip(), hello.host.clone()));
-        Ok((generation, welcome(&state)))
+        Ok((generation, welcome(&state, same_source)))
     }
 
     fn current(&self, generation: u64) -> bool {
-        let mut state = lock(&self.state);
-        let current = state.sender.as_ref().is_some_and(|s| s.1 == generation) && !state.stopped;
-        if current {
-            state.last_heard = Some(Instant::now());
-        }
-        current
+        let state = lock(&self.state);
+        state.sender.as_ref().is_some_and(|s| s.1 == generation) && !state.stopped
+    }
+
+    fn heard(&self) {
+        lock(&self.state).last_heard = Some(Instant::now());
     }
 
     fn serve(&self, link: &mut Link, generation: u64) -> Result<()> {
-        let mut heard = Instant::now();
         loop {
             if !self.current(generation) {
                 return Ok(());
@@ -640,7 +741,7 @@ impl Session {
                 .recv(HEARTBEAT)
                 .map_err(|e| Error::Network(e.to_string()))?;
             let Some(frame) = frame else {
-                if heard.elapsed() > DEAD_AFTER {
+                if link.last_heard.elapsed() > DEAD_AFTER {
                     return Err(Error::Network(format!(
                         "nothing heard for {} s",
                         DEAD_AFTER.as_secs()
@@ -651,7 +752,7 @@ impl Session {
                 }
                 continue;
             };
-            heard = Instant::now();
+            self.heard();
             match frame.kind {
                 proto::PING => {}
                 proto::BLOCK => {
@@ -666,30 +767,29 @@ impl Session {
                     let done = self
                         .block(generation, header.path, header.offset, data, header.crc32)
                         .or_else(|e| self.fatal(link, e))?;
-                    send(link, proto::ACK, &[&header.id.to_le_bytes()])?;
+                    // The word on the file before the acknowledgement: a sender that saw
+                    // the acknowledgement has seen the word.
                     if let Some(done) = done {
                         send(link, proto::FILE_DONE, &[&proto::to_json(&done)])?;
                     }
+                    send(link, proto::ACK, &[&header.id.to_le_bytes()])?;
                 }
                 proto::END => {
                     let (id, rest) = proto::split_id(&frame.body)?;
-                    let record: FileRecord = proto::from_json(rest)?;
-                    let done = self
-                        .end(generation, record)
-                        .or_else(|e| self.fatal(link, e))?;
-                    send(link, proto::ACK, &[&id.to_le_bytes()])?;
+                    let end: End = proto::from_json(rest)?;
+                    let done = self.end(generation, end).or_else(|e| self.fatal(link, e))?;
                     if let Some(done) = done {
                         send(link, proto::FILE_DONE, &[&proto::to_json(&done)])?;
                     }
+                    send(link, proto::ACK, &[&id.to_le_bytes()])?;
                 }
                 proto::COMMIT => {
                     let (id, manifest) = proto::split_id(&frame.body)?;
                     let outcome = self.commit(link, manifest);
                     let sent = match &outcome {
                         Ok(committed) => {
-                            send(link, proto::ACK, &[&id.to_le_bytes()]).and_then(|()| {
-                                send(link, proto::COMMITTED, &[&proto::to_json(&**committed)])
-                            })
+                            send(link, proto::COMMITTED, &[&proto::to_json(&**committed)])
+                                .and_then(|()| send(link, proto::ACK, &[&id.to_le_bytes()]))
                         }
                         Err(reason) => send(link, proto::ABORT, &[reason.as_bytes()]),
                     };
@@ -703,6 +803,7 @@ impl Session {
                     let reason = String::from_utf8_lossy(&frame.body).into_owned();
                     let mut state = lock(&self.state);
                     state.ended = Some(Instant::now());
+                    state.outcome_sent = true;
                     state.outcome = Some(Err(format!(
                         "the sender gave up: {reason}; {} keeps what arrived, and a receiver started on it again resumes",
                         self.root.display()
@@ -731,6 +832,7 @@ impl Session {
         let _ = send(link, proto::ABORT, &[reason.as_bytes()]);
         let mut state = lock(&self.state);
         state.ended = Some(Instant::now());
+        state.outcome_sent = true;
         state.outcome.get_or_insert(Err(reason));
         drop(state);
         self.changed.notify_all();
@@ -784,6 +886,7 @@ impl Session {
         let len = data.len() as u32;
         let file = {
             let mut state = lock(&self.state);
+            superseded(&state, generation)?;
             if let Some((_, held_by)) = state.done.get(path) {
                 if *held_by == generation {
                     // Sent again after a lost acknowledgement.
@@ -795,16 +898,13 @@ impl Session {
                 }
             }
             if !state.parts.contains_key(path) {
-                self.new_part(&mut state, path, generation)?;
+                self.new_part(&mut state, path)?;
             }
             let part = state.parts.get_mut(path).expect("just made");
             if part.blocks.get(&offset) == Some(&(len, crc32)) {
-                if part.generation == generation {
-                    state.resent_blocks += 1;
-                }
+                state.resent_blocks += 1;
                 return Ok(None);
             }
-            part.generation = generation;
             // Blocks this one overlaps are no longer what the file holds.
             let end = offset + len as u64;
             let stale: Vec<u64> = part
@@ -822,6 +922,7 @@ impl Session {
             .with_path("write", &self.root.join(path))?;
         self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut state = lock(&self.state);
+        superseded(&state, generation)?;
         match state.parts.get_mut(path) {
             Some(part) => {
                 part.blocks.insert(offset, (len, crc32));
@@ -831,33 +932,38 @@ impl Session {
         self.try_complete(state, path)
     }
 
-    fn end(&self, generation: u64, record: FileRecord) -> Result<Option<FileDone>> {
-        let path = record.path.clone();
+    fn end(&self, generation: u64, end: End) -> Result<Option<FileDone>> {
+        let path = end.record.path.clone();
         let mut state = lock(&self.state);
-        if state.done.get(&path).is_some_and(|(_, g)| *g == generation) {
-            return Ok(Some(FileDone {
-                path,
-                problem: None,
-            }));
+        superseded(&state, generation)?;
+        if let Some((held, _)) = state.done.get(&path) {
+            // Held already, these very bytes (sent again, or by an earlier sender).
+            if held.size == end.record.size && held.crc32 == end.record.crc32 {
+                return Ok(Some(FileDone {
+                    path,
+                    problem: None,
+                }));
+            }
         }
         if !state.parts.contains_key(&path) {
             // An empty file has no blocks; the blocks of another may still be on their way
             // over other connections.
-            self.new_part(&mut state, &path, generation)?;
+            self.new_part(&mut state, &path)?;
         }
         let part = state.parts.get_mut(&path).expect("present");
-        part.end = Some(record);
+        part.end = Some(end);
         self.try_complete(state, &path)
     }
 
-    /// Starts receiving a file (again, when a new sender sends a file held: not an SST, its
+    /// Starts receiving a file (again, when a sender sends a file held: not an SST, its
     /// content may differ).
-    fn new_part(&self, state: &mut State, path: &str, generation: u64) -> Result<()> {
+    fn new_part(&self, state: &mut State, path: &str) -> Result<()> {
         if state.done.remove(path).is_some() {
             self.journal(&JournalLine::Removed(path.to_string()))?;
         }
         let full = self.prepare(state, path)?;
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
             .truncate(true)
@@ -868,7 +974,6 @@ impl Session {
             path.to_string(),
             Part {
                 file: Arc::new(file),
-                generation,
                 blocks: BTreeMap::new(),
                 end: None,
                 finishing: false,
@@ -877,56 +982,50 @@ impl Session {
         Ok(())
     }
 
-    /// Completes a file whose end has come and whose blocks cover it: sync, check, journal.
+    /// Completes a file once every block its end lists is held as listed: truncates,
+    /// syncs, reads it back and checks it against the sender's CRC-32, journals it.
     fn try_complete(&self, mut state: MutexGuard<State>, path: &str) -> Result<Option<FileDone>> {
         let Some(part) = state.parts.get_mut(path) else {
             return Ok(None);
         };
-        let Some(record) = part.end.clone() else {
+        let Some(end) = &part.end else {
             return Ok(None);
         };
-        if part.finishing {
-            return Ok(None);
-        }
-        // Blocks past the end are an earlier sender's, of a longer file.
-        part.blocks.retain(|&o, _| o < record.size);
-        let mut at = 0u64;
-        let mut crc = crc32fast::Hasher::new();
-        for (&offset, &(len, block_crc)) in &part.blocks {
-            if offset != at {
-                return Ok(None);
-            }
-            combine_crc(&mut crc, block_crc, len as usize);
-            at += len as u64;
-        }
-        if at < record.size {
+        if part.finishing
+            || !end
+                .blocks
+                .iter()
+                .all(|&(o, l, c)| part.blocks.get(&o) == Some(&(l, c)))
+        {
             return Ok(None);
         }
         part.finishing = true;
+        let record = end.record.clone();
         let file = part.file.clone();
-        let generation = part.generation;
         drop(state);
         let full = self.root.join(path);
-        let problem = if at != record.size || crc.finalize() != record.crc32 {
-            Some(format!(
-                "{path} does not match what was sent: {at} bytes received, {} sent",
-                record.size
-            ))
-        } else {
-            file.set_len(record.size)
-                .and_then(|()| file.sync_all())
-                .with_path("sync", &full)?;
-            None
-        };
+        file.set_len(record.size)
+            .and_then(|()| file.sync_all())
+            .with_path("sync", &full)?;
+        let (size, crc32) = crc_of(&full).with_path("read", &full)?;
+        let problem = (size != record.size || crc32 != record.crc32).then(|| {
+            format!(
+                "{path} as written ({size} bytes, CRC-32 {crc32:08x}) is not what was sent ({} bytes, CRC-32 {:08x})",
+                record.size, record.crc32
+            )
+        });
+        match &problem {
+            None => self.journal(&JournalLine::Done(record.clone()))?,
+            Some(p) => warn!("{p}"),
+        }
         let mut state = lock(&self.state);
+        let generation = state.sender.as_ref().map_or(0, |s| s.1);
         state.parts.remove(path);
         match &problem {
             None => {
-                self.journal(&JournalLine::Done(record.clone()))?;
                 state.done.insert(path.to_string(), (record, generation));
             }
-            Some(p) => {
-                warn!("{p}");
+            Some(_) => {
                 let _ = fs::remove_file(&full);
             }
         }

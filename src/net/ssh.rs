@@ -15,8 +15,8 @@ use crate::{info, warn};
 
 pub const SSH_ENV: &str = "MYROCKS_HOTBACKUP_SSH";
 pub const REMOTE_ENV: &str = "MYROCKS_HOTBACKUP_REMOTE";
-/// Time the remote receiver may take to print its URL.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time the remote receiver may take to print its URL (one resuming re-reads what it holds).
+const START_TIMEOUT: Duration = Duration::from_secs(3600);
 
 pub struct RemoteReceiver {
     child: Child,

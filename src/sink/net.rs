@@ -23,8 +23,8 @@ use super::{Chunk, Sink, SinkFile};
 use crate::error::{Error, Result};
 use crate::format::manifest::{FileRecord, Kind};
 use crate::format::{FileMeta, CHUNK_SIZE};
-use crate::net::link::{Frame, Link, DEAD_AFTER, HEARTBEAT};
-use crate::net::proto::{self, BlockHeader, Committed, FileDone, Hello, Refused, Welcome};
+use crate::net::link::{Frame, Link, CONNECT_TIMEOUT, DEAD_AFTER, HEARTBEAT};
+use crate::net::proto::{self, BlockHeader, Committed, End, FileDone, Hello, Refused, Welcome};
 use crate::net::tls::{self, Identity};
 use crate::net::Url;
 use crate::pipeline::Buf;
@@ -36,8 +36,9 @@ pub const WINDOW: usize = 4 << 20;
 pub const DEFAULT_STREAMS: usize = 8;
 /// How long a connection keeps trying to reconnect before the transfer fails.
 const RECONNECT_FOR: Duration = Duration::from_secs(60);
-/// How long a sender waits for another one to finish with the receiver.
-const BUSY_FOR: Duration = Duration::from_secs(10);
+/// How long a sender waits for another one, gone quiet, to be let go by the receiver (its
+/// connections end within `DEAD_AFTER` if it is dead).
+const BUSY_FOR: Duration = Duration::from_secs(DEAD_AFTER.as_secs() + 10);
 
 enum Out {
     Block {
@@ -159,8 +160,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl NetSink {
     /// Connects to the receiver at `url` with `streams` connections (the URL's number when
-    /// none is given).
-    pub fn connect(url: &Url, streams: Option<usize>) -> Result<NetSink> {
+    /// none is given). `source` names the server backed up.
+    pub fn connect(url: &Url, streams: Option<usize>, source: String) -> Result<NetSink> {
         let streams = streams
             .or((url.streams > 0).then_some(url.streams))
             .unwrap_or(DEFAULT_STREAMS)
@@ -171,6 +172,7 @@ impl NetSink {
             session: url.session.clone(),
             token: url.token.clone(),
             host: crate::sys::hostname(),
+            source,
         });
         let (tx, rx) = crossbeam_channel::bounded(2 * streams);
         let shared = Arc::new(Shared {
@@ -324,6 +326,7 @@ impl Sink for NetSink {
             sink: self,
             path: meta.path.as_str().into(),
             offset: 0,
+            blocks: Vec::new(),
             held,
         }))
     }
@@ -392,6 +395,8 @@ struct NetFile<'a> {
     sink: &'a NetSink,
     path: Arc<str>,
     offset: u64,
+    /// Every block of the file so far, sent or held: `(offset, length, CRC-32)`.
+    blocks: Vec<(u64, u32, u32)>,
     /// Blocks of this file the receiver holds already.
     held: Option<&'a HashMap<u64, (u32, u32)>>,
 }
@@ -401,6 +406,7 @@ impl SinkFile for NetFile<'_> {
         let len = chunk.data.len();
         let offset = self.offset;
         self.offset += len as u64;
+        self.blocks.push((offset, len as u32, chunk.crc32));
         if self
             .held
             .is_some_and(|h| h.get(&offset) == Some(&(len as u32, chunk.crc32)))
@@ -430,9 +436,13 @@ impl SinkFile for NetFile<'_> {
                 word: None,
             },
         );
+        let end = End {
+            record: record.clone(),
+            blocks: self.blocks.clone(),
+        };
         self.sink.put(Out::End {
             id: self.sink.id(),
-            record: proto::to_json(record),
+            record: proto::to_json(&end),
         })?;
         let mut state = lock(&shared.state);
         loop {
@@ -476,13 +486,19 @@ impl Shared {
     fn fail(&self, reason: String) {
         lock(&self.state).failed.get_or_insert(reason);
         self.changed.notify_all();
+        // Buffers held here go back to the pipeline's pools: readers waiting for one wake
+        // up and see the failure.
+        lock(&self.retry).clear();
+        while self.queue.try_recv().is_ok() {}
     }
 
     fn connect(&self) -> std::result::Result<(Link, Welcome), Connect> {
         let failed = |e: std::io::Error| Connect::Failed(e.to_string());
         let mut link = Link::connect(self.addr, self.config.clone()).map_err(failed)?;
+        // The receiver proved it holds the URL's key: its frames may be large.
+        link.admit();
         link.send(proto::HELLO, &[&self.hello]).map_err(failed)?;
-        match link.recv(DEAD_AFTER).map_err(failed)? {
+        match link.recv(CONNECT_TIMEOUT).map_err(failed)? {
             Some(Frame {
                 kind: proto::WELCOME,
                 body,
@@ -530,7 +546,7 @@ impl Shared {
                         let since = *down_since.get_or_insert_with(Instant::now);
                         if since.elapsed() > RECONNECT_FOR {
                             return self.fail(format!(
-                                "the receiver at {}:{} cannot be reached for {} s: {e}",
+                                "the receiver at {}:{} cannot be reached for {} s ({e}); a receiver started again prints a new URL",
                                 self.url.host,
                                 self.url.port,
                                 RECONNECT_FOR.as_secs()
@@ -584,8 +600,20 @@ impl Shared {
         if retry.is_empty() {
             return;
         }
-        let whole: std::collections::HashSet<&str> =
-            welcome.held.iter().map(|r| r.path.as_str()).collect();
+        // Files held whole exactly as this sender sent them.
+        let state = lock(&self.state);
+        let whole: std::collections::HashSet<&str> = welcome
+            .held
+            .iter()
+            .filter(|h| {
+                state
+                    .files
+                    .get(&h.path)
+                    .is_some_and(|p| p.record.size == h.size && p.record.crc32 == h.crc32)
+            })
+            .map(|r| r.path.as_str())
+            .collect();
+        drop(state);
         let blocks: std::collections::HashSet<(&str, u64, u32, u32)> = welcome
             .partial
             .iter()
@@ -648,15 +676,21 @@ impl Shared {
                 Some(out) => {
                     // Queued before it is sent: if the send fails, it is sent again.
                     let len = out.len() as u64;
-                    let is_block = matches!(out, Out::Block { .. });
+                    let (block, again) = match &out {
+                        Out::Block { again, .. } => (true, *again),
+                        _ => (false, false),
+                    };
                     unacked.push_back(out);
                     unacked
                         .back()
                         .expect("just pushed")
                         .send(link)
                         .map_err(io)?;
-                    if is_block {
+                    if block {
                         self.sent.fetch_add(len, Ordering::Relaxed);
+                    }
+                    if again {
+                        self.resent.fetch_add(len, Ordering::Relaxed);
                     }
                 }
                 None if link.last_sent.elapsed() >= HEARTBEAT => {

@@ -482,9 +482,20 @@ fn a_bit_flipped_in_transit_is_detected_and_sent_again() {
     let url = receiver
         .url
         .replace(&format!(":{port}/"), &format!(":{}/", relay.addr().port()));
-    let log = finished_ok(send(None, &source, &url, &["--streams", "2"]));
+    let report = tmp.path().join("report.json");
+    let log = finished_ok(send(
+        None,
+        &source,
+        &url,
+        &["--streams", "2", "--report", report.to_str().unwrap()],
+    ));
     assert!(relay.flipped(), "the relay flipped no bit");
     assert!(log.contains("reconnecting"), "{log}");
+    // The damaged block, and what followed it unacknowledged, went again.
+    let figures = network_figures(&report);
+    let resent = figures["bytes_resent"].as_u64().unwrap();
+    assert!(resent > 0 && resent <= 4 << 20, "{figures}");
+    assert_eq!(figures["reconnects"], 1, "{figures}");
     let rx_log = receiver.wait_ok();
     assert!(rx_log.contains("lost a connection"), "{rx_log}");
     verify_ok(&dir);
