@@ -66,8 +66,12 @@ pub struct Welcome {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Refused {
     pub reason: String,
-    /// True when the same sender may try again soon (another sender is still finishing).
+    /// True when the sender may try again soon: another sender holds the receiver.
     pub retry: bool,
+    /// How long that other sender has been silent (it may be dead: its connections end
+    /// within the dead-connection time).
+    #[serde(default)]
+    pub other_silent_secs: u64,
 }
 
 /// The end of a file: what it is, and every block it is made of, `(offset, length,

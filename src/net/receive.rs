@@ -45,8 +45,6 @@ const MAX_CONNECTIONS: usize = 80;
 const MAX_UNADMITTED: usize = 16;
 /// How often the receiver logs what arrived.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
-/// Time after which a sender silent on every connection may be replaced by a new one.
-const TAKEOVER_AFTER: Duration = Duration::from_secs(3);
 
 pub struct Options {
     pub target: PathBuf,
@@ -554,16 +552,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn refuse_none<T>(link: Link, reason: &str, retry: bool) -> Option<T> {
-    refuse(link, reason, retry);
+fn refuse_none<T>(link: Link, reason: &str, busy: Option<u64>) -> Option<T> {
+    refuse(link, reason, busy);
     None
 }
 
-fn refuse(mut link: Link, reason: &str, retry: bool) {
+/// Refuses a connection; `busy` is how long the sender holding the receiver has been
+/// silent, when that is the reason.
+fn refuse(mut link: Link, reason: &str, busy: Option<u64>) {
     warn!("refused a connection from {}: {reason}", link.peer);
     let msg = proto::to_json(&Refused {
         reason: reason.to_string(),
-        retry,
+        retry: busy.is_some(),
+        other_silent_secs: busy.unwrap_or(0),
     });
     let _ = link.send(proto::REFUSED, &[&msg]);
     link.close();
@@ -625,7 +626,7 @@ impl Session {
         };
         let hello = match hello {
             Ok(h) => h,
-            Err(e) => return refuse_none(link, &format!("not a sender ({e})"), false),
+            Err(e) => return refuse_none(link, &format!("not a sender ({e})"), None),
         };
         if hello.version != proto::VERSION {
             return refuse_none(
@@ -635,16 +636,16 @@ impl Session {
                     hello.version,
                     proto::VERSION
                 ),
-                false,
+                None,
             );
         }
         if !tls::same_secret(&hello.session, &self.session)
             || !tls::same_secret(&hello.token, &self.token)
         {
-            return refuse_none(link, "wrong session or token", false);
+            return refuse_none(link, "wrong session or token", None);
         }
         let Some(key) = link.peer_fingerprint() else {
-            return refuse_none(link, "no client key", false);
+            return refuse_none(link, "no client key", None);
         };
         link.admit();
         let (generation, welcome) = match self.admit(&key, &link, &hello) {
@@ -669,10 +670,10 @@ impl Session {
         key: &str,
         link: &Link,
         hello: &Hello,
-    ) -> std::result::Result<(u64, Welcome), (String, bool)> {
+    ) -> std::result::Result<(u64, Welcome), (String, Option<u64>)> {
         let mut state = lock(&self.state);
         if state.stopped {
-            return Err(("the receiver is stopping".into(), false));
+            return Err(("the receiver is stopping".into(), None));
         }
         match &state.sender {
             Some((bound, generation)) if bound == key => {
@@ -684,17 +685,15 @@ impl Session {
                 return Ok((generation, welcome(&state, true)));
             }
             _ if state.outcome.is_some() || state.committing => {
-                return Err(("the transfer has ended".into(), false));
+                return Err(("the transfer has ended".into(), None));
             }
             Some(_) if state.live > 0 => {
                 // Taken over only once every connection of the other is gone. One that went
                 // quiet may be dead (its connections end within DEAD_AFTER): worth a retry.
-                let quiet = state
-                    .last_heard
-                    .is_none_or(|t| t.elapsed() >= TAKEOVER_AFTER);
+                let silent = state.last_heard.map_or(0, |t| t.elapsed().as_secs());
                 return Err((
                     "another sender is transferring to this receiver".into(),
-                    quiet,
+                    Some(silent),
                 ));
             }
             Some(_) => info!("a new sender from {} takes over the transfer", link.peer),
@@ -711,7 +710,7 @@ impl Session {
         }
         if state.source_id.as_deref() != Some(hello.source.as_str()) {
             self.journal(&JournalLine::Source(hello.source.clone()))
-                .map_err(|e| (e.to_string(), false))?;
+                .map_err(|e| (e.to_string(), None))?;
             state.source_id = Some(hello.source.clone());
         }
         state.generation += 1;

@@ -36,6 +36,10 @@ pub const WINDOW: usize = 4 << 20;
 pub const DEFAULT_STREAMS: usize = 8;
 /// How long a connection keeps trying to reconnect before the transfer fails.
 const RECONNECT_FOR: Duration = Duration::from_secs(60);
+/// How long a sender waits for another one that was just heard from (a sender killed an
+/// instant ago), and how long one must be silent to be waited for longer.
+const TAKEOVER_GRACE: Duration = Duration::from_secs(5);
+const QUIET_SECS: u64 = 3;
 /// How long a sender waits for another one, gone quiet, to be let go by the receiver (its
 /// connections end within `DEAD_AFTER` if it is dead).
 const BUSY_FOR: Duration = Duration::from_secs(DEAD_AFTER.as_secs() + 10);
@@ -196,11 +200,17 @@ impl NetSink {
         let (link, welcome) = loop {
             match shared.connect() {
                 Ok(pair) => break pair,
-                Err(Connect::Busy(reason)) if started.elapsed() < BUSY_FOR => {
+                // The other sender may have just died (a sender killed and run again): its
+                // connections are being closed. One silent for a while may be dead: its
+                // connections end within DEAD_AFTER.
+                Err(Connect::Busy(reason, silent))
+                    if started.elapsed() < TAKEOVER_GRACE
+                        || (silent >= QUIET_SECS && started.elapsed() < BUSY_FOR) =>
+                {
                     info!("The receiver is busy ({reason}); trying again");
                     std::thread::sleep(Duration::from_secs(1));
                 }
-                Err(Connect::Busy(reason)) | Err(Connect::Refused(reason)) => {
+                Err(Connect::Busy(reason, _)) | Err(Connect::Refused(reason)) => {
                     return Err(Error::Network(format!(
                         "the receiver at {}:{} refused this sender: {reason}",
                         url.host, url.port
@@ -469,8 +479,8 @@ impl SinkFile for NetFile<'_> {
 }
 
 enum Connect {
-    /// Another sender holds the receiver.
-    Busy(String),
+    /// Another sender holds the receiver, silent for so many seconds.
+    Busy(String, u64),
     Refused(String),
     Failed(String),
 }
@@ -514,7 +524,7 @@ impl Shared {
                 let refused: Refused =
                     proto::from_json(&body).map_err(|e| Connect::Failed(e.to_string()))?;
                 Err(match refused.retry {
-                    true => Connect::Busy(refused.reason),
+                    true => Connect::Busy(refused.reason, refused.other_silent_secs),
                     false => Connect::Refused(refused.reason),
                 })
             }
@@ -539,7 +549,7 @@ impl Shared {
                         pause = Duration::from_millis(200);
                         l
                     }
-                    Err(Connect::Refused(reason)) | Err(Connect::Busy(reason)) => {
+                    Err(Connect::Refused(reason)) | Err(Connect::Busy(reason, _)) => {
                         return self.fail(format!("the receiver refused a connection: {reason}"));
                     }
                     Err(Connect::Failed(e)) => {
