@@ -7,20 +7,24 @@
 //! medians and spreads of wall time, CPU time, peak memory, throughput, the ratio to the
 //! limit and the longest commit. Cases are grouped by mode: stream backups, extraction,
 //! directory backups, verify, compression, restore; then the throttle's accuracy, the page
-//! cache left to the server, and the commit stall against the number of SSTs.
+//! cache left to the server, backups over a long, slow network path (large files only: ours
+//! against `tar | nc` and `tar | ssh`, and the throttle over it), and the commit stall
+//! against the number of SSTs. `--only network` runs the network section alone.
 //!
 //! `bench --sendfile` is the zero-copy limit itself: it sends the NUL-separated files named
 //! on stdin to stdout with `sendfile`, through a pipe enlarged to 1 MiB.
 
 use std::fmt::Write as _;
 use std::fs;
+use std::io::{BufRead, BufReader, Write as _};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
+use sandbox::net::{self, Sshd};
 use sandbox::workload::StallProbe;
 use sandbox::{binary, built_binary, Server};
 
@@ -28,6 +32,10 @@ struct Options {
     scale: f64,
     runs: usize,
     output: PathBuf,
+    /// `--only network`: that section alone (on the large files), for its development.
+    only_network: bool,
+    /// `--net-mbit N`: the network section's rate, for its development.
+    net_mbit: u32,
 }
 
 fn options() -> Options {
@@ -35,6 +43,8 @@ fn options() -> Options {
         scale: 1.0,
         runs: 3,
         output: PathBuf::from("docs/BENCHMARKS.md"),
+        only_network: false,
+        net_mbit: NET_MBIT,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -52,7 +62,15 @@ fn options() -> Options {
             }
             "--runs" => o.runs = value().parse().expect("--runs takes a whole number"),
             "--output" => o.output = PathBuf::from(value()),
-            other => panic!("unknown flag {other}; flags: --scale F --runs N --output FILE"),
+            "--only" => {
+                let section = value();
+                assert!(section == "network", "--only takes: network");
+                o.only_network = true;
+            }
+            "--net-mbit" => o.net_mbit = value().parse().expect("--net-mbit takes a whole number"),
+            other => panic!(
+                "unknown flag {other}; flags: --scale F --runs N --output FILE --only network --net-mbit N"
+            ),
         }
     }
     o
@@ -71,17 +89,30 @@ struct Sample {
 
 /// Runs `script` with bash and returns wall time, CPU time and peak RSS of the whole
 /// pipeline (wait4 accounts for every process the shell waited for).
-#[allow(clippy::zombie_processes)] // reaped by wait4 below, which also reports its usage
 fn measure(script: &str, env_path: &str) -> Sample {
+    measure_fed(script, env_path, None)
+}
+
+/// [`measure`], with `input` on the script's standard input when given.
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which also reports its usage
+fn measure_fed(script: &str, env_path: &str, input: Option<&str>) -> Sample {
     let start = Instant::now();
-    let child = Command::new("bash")
+    let mut child = Command::new("bash")
         .arg("-o")
         .arg("pipefail")
         .arg("-c")
         .arg(script)
         .env("PATH", env_path)
+        .stdin(match input {
+            Some(_) => Stdio::piped(),
+            None => Stdio::inherit(),
+        })
         .spawn()
         .expect("cannot run bash");
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A script that exits without reading it is a failure seen below.
+        let _ = writeln!(stdin, "{text}");
+    }
     let mut status = 0;
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
@@ -897,6 +928,477 @@ fn throttle_section(ds: &DataSet, tool: &Path, work: &Path) -> String {
     )
 }
 
+/// The network section's path: its rate each way and its round-trip time. The path's delay
+/// line passes every packet through this process, at a CPU cost that limits the rate this
+/// 2-core machine emulates: about 420 Mbit/s with both cores busy and nothing else running
+/// (8 TCP streams); 300 Mbit/s leaves CPU to the tools measured.
+const NET_MBIT: u32 = 300;
+const NET_RTT_MS: u32 = 50;
+/// Runs of each network case, at most: each one sends the whole data set at the path's
+/// rate (a minute at scale 1), so the section keeps to about five minutes.
+const NET_RUNS: usize = 1;
+
+/// A transfer across the path: receivers started in rx (program and arguments each), then a
+/// sender script whose network programs run in tx through `ip netns exec`. With `url`, the
+/// first receiver prints a URL on its first line, given to the sender on its standard input.
+struct NetCase {
+    name: &'static str,
+    receivers: Vec<Vec<String>>,
+    /// Ports the receivers listen on, waited for before the sender starts.
+    ports: Vec<u16>,
+    url: bool,
+    script: String,
+    /// The `--report` file our backup writes.
+    report: Option<PathBuf>,
+    /// Cleans up after a run (not timed).
+    after: Option<String>,
+}
+
+/// One timed transfer: wall time from the sender's start until the last receiver exited,
+/// CPU and peak memory of the sender's pipeline (in `sample`), the receivers' peak memory.
+struct NetSample {
+    sample: Sample,
+    receiver_peak_mib: Option<f64>,
+    receiver_cpu: Option<f64>,
+    /// Share of the packets the path's delay line passed on more than 1 ms late, in percent.
+    late_pct: f64,
+    /// Packets the delay line dropped (it did not keep up).
+    line_drops: u64,
+    /// Our report's `network` figures.
+    network: Option<serde_json::Value>,
+    /// Our snapshot rounds (the SSTs): seconds from the start, and MiB sent.
+    sst_phase: Option<(f64, f64)>,
+}
+
+/// Our snapshot rounds, from the backup's log: the last "Snapshot round finished. Elapsed
+/// Time: S." and the size of every "round N sent K SST files, 1.23 GiB)" (two decimals).
+fn sst_phase(log: &str) -> Option<(f64, f64)> {
+    let (mut secs, mut mib) = (None, 0.0);
+    for line in log.lines() {
+        let Some(rest) = line.split("Snapshot round finished. Elapsed Time: ").nth(1) else {
+            continue;
+        };
+        secs = rest.split(' ').next()?.trim_end_matches('.').parse().ok();
+        let mut size = rest.split(" SST files, ").nth(1)?.split([' ', ')']);
+        let value: f64 = size.next()?.parse().ok()?;
+        let unit = size.next()?;
+        let unit = ["B", "KiB", "MiB", "GiB", "TiB"]
+            .iter()
+            .position(|u| *u == unit)?;
+        mib += value * 1024f64.powi(unit as i32 - 2);
+    }
+    Some((secs?, mib))
+}
+
+/// Receivers still running: killed (and reaped) when dropped, as after a failed sender.
+struct Receivers(Vec<std::process::Child>);
+
+impl Drop for Receivers {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits (10 s at most) until something listens on each of `ports` in the rx namespace.
+fn wait_listening(net: &net::Path, ports: &[u16]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = net.rx("ss").arg("-Hltn").output().expect("cannot run ss");
+        let listening = String::from_utf8_lossy(&out.stdout).into_owned();
+        if ports.iter().all(|p| listening.contains(&format!(":{p} "))) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {ports:?} in rx:\n{listening}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Times one transfer of `case` across `net`. The receivers' standard error goes to `log`,
+/// shown if one fails; the sender's is read from `sender_log`, where its script put it.
+fn transfer(
+    net: &net::Path,
+    case: &NetCase,
+    env_path: &str,
+    log: &Path,
+    sender_log: &Path,
+) -> NetSample {
+    let before = net.stats();
+    let mut receivers = Receivers(Vec::new());
+    for (i, argv) in case.receivers.iter().enumerate() {
+        let stderr = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let piped = case.url && i == 0;
+        let child = net
+            .rx(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(if piped { Stdio::piped() } else { Stdio::null() })
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {argv:?}: {e}"));
+        receivers.0.push(child);
+    }
+    let url = case.url.then(|| {
+        let mut line = String::new();
+        let stdout = receivers.0[0].stdout.take().unwrap();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with("mhb://"),
+            "the receiver printed {line:?}:\n{}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        line.trim().to_string()
+    });
+    wait_listening(net, &case.ports);
+    let start = Instant::now();
+    let mut sample = measure_fed(&case.script, env_path, url.as_deref());
+    // Then every receiver must finish, with success, within two minutes.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut peak, mut cpu): (f64, f64) = (0.0, 0.0);
+    while let Some(child) = receivers.0.first() {
+        let pid = child.id() as i32;
+        let mut status = 0;
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let got = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if got == pid {
+            // Reaped: not to be killed by the guard.
+            std::mem::forget(receivers.0.remove(0));
+            let exit = std::process::ExitStatus::from_raw(status);
+            assert!(
+                exit.success(),
+                "the receiver of {} failed ({exit}):\n{}",
+                case.name,
+                fs::read_to_string(log).unwrap_or_default()
+            );
+            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            peak = peak.max(usage.ru_maxrss as f64 / 1024.0);
+            cpu += secs(usage.ru_utime) + secs(usage.ru_stime);
+            continue;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the receiver of {} did not finish within 2 minutes of its sender:\n{}",
+            case.name,
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sample.wall = start.elapsed().as_secs_f64();
+    let after = net.stats();
+    let packets = (after.packets - before.packets).max(1) as f64;
+    let mut network = None;
+    if let Some(report) = &case.report {
+        let r: serde_json::Value = serde_json::from_slice(&fs::read(report).unwrap()).unwrap();
+        sample.own_cpu = r["cpu_secs"].as_f64();
+        network = Some(r["network"].clone());
+    }
+    if let Some(after) = &case.after {
+        measure(after, env_path);
+    }
+    let sender_log = fs::read_to_string(sender_log).unwrap_or_default();
+    NetSample {
+        sst_phase: case.report.as_ref().and_then(|_| sst_phase(&sender_log)),
+        sample,
+        receiver_peak_mib: (!case.receivers.is_empty()).then_some(peak),
+        receiver_cpu: (!case.receivers.is_empty()).then_some(cpu),
+        late_pct: (after.late_packets - before.late_packets) as f64 * 100.0 / packets,
+        line_drops: after.line_drops - before.line_drops,
+        network,
+    }
+}
+
+/// The round-trip time from tx to rx: the fastest of five TCP connections to `port` (one
+/// round trip each).
+fn connect_rtt_ms(net: &net::Path, port: u16) -> f64 {
+    let addr = std::net::SocketAddr::from((net.rx_addr, port));
+    (0..5)
+        .map(|_| {
+            net.in_tx(|| {
+                let start = Instant::now();
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+        })
+        .fold(f64::MAX, f64::min)
+}
+
+/// Backups over a long, slow path: ours (`receive` on the far host, `backup --to` here)
+/// against the server's files through one TCP stream (`tar | nc`) and through ssh, on a
+/// path of `NET_MBIT` each way and `NET_RTT_MS` round trip whose raw capacity is measured
+/// first; then the throttle's accuracy over the path.
+fn network_section(
+    ds: &DataSet,
+    tool: &Path,
+    work: &Path,
+    target: &Path,
+    env_path: &str,
+    opts: &Options,
+) -> String {
+    let mbit = opts.net_mbit;
+    let net = net::Path::new(mbit, NET_RTT_MS);
+    let sshd = Sshd::start(&net);
+    let rtt = connect_rtt_ms(&net, sshd.port());
+    let runs = opts.runs.min(NET_RUNS);
+    let (tx, rx) = (&net.tx_ns, net.rx_addr);
+    let link = f64::from(mbit) / 8.0; // MB/s
+    let log = work.join("net-receiver.log");
+    let sender_log = work.join("net-sender.log");
+    // A failed sender shows what it said.
+    let sender = |script: String| {
+        format!(
+            "{{ {script}; }} 2>{l} || {{ s=$?; cat {l} >&2; exit $s; }}",
+            l = sender_log.display()
+        )
+    };
+    let nc = |port: u16| vec!["nc".to_string(), "-l".to_string(), port.to_string()];
+
+    // Raw capacity: eight TCP streams of zeros, about 10 s at the rate (less at small scales).
+    let secs = (10.0 * opts.scale).clamp(2.0, 10.0);
+    let ports: Vec<u16> = (5100..5108).collect();
+    let each = (link * 1e6 * secs / ports.len() as f64) as u64;
+    let raw = NetCase {
+        name: "8 nc streams",
+        receivers: ports.iter().map(|&p| nc(p)).collect(),
+        ports: ports.clone(),
+        url: false,
+        script: sender(format!(
+            "{} for p in $w; do wait $p || exit 1; done",
+            ports
+                .iter()
+                .map(|p| format!(
+                    "head -c {each} /dev/zero | ip netns exec {tx} nc -N {rx} {p} & w=\"$w $!\";"
+                ))
+                .collect::<String>()
+        )),
+        report: None,
+        after: None,
+    };
+    eprintln!("  network: raw capacity, {}", raw.name);
+    // The bytes the router passes on to rx, every 250 ms meanwhile: the best 2-second
+    // window is the path's capacity, without TCP's ramp-up and the streams' uneven ends.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (capacity, counts) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut counts = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                counts.push((Instant::now(), net.stats().to_rx_bytes));
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            counts
+        });
+        let capacity = transfer(&net, &raw, env_path, &log, &sender_log);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (capacity, sampler.join().unwrap())
+    });
+    let raw_mb = (each * ports.len() as u64) as f64 / 1e6 / capacity.sample.wall;
+    let mut wire_mbit: f64 = 0.0;
+    for (i, &(t0, b0)) in counts.iter().enumerate() {
+        if let Some(&(t1, b1)) = counts[i..]
+            .iter()
+            .find(|(t, _)| *t >= t0 + Duration::from_secs(2))
+        {
+            wire_mbit = wire_mbit.max((b1 - b0) as f64 * 8.0 / 1e6 / (t1 - t0).as_secs_f64());
+        }
+    }
+
+    // The cases: the files a backup reads, from tx to rx.
+    let received = target.join("net-received");
+    let files = format!(
+        "{} | tar -cf - --null -T - 2>/dev/null",
+        list_script(&ds.server)
+    );
+    let ours = |name: &'static str, extra: &str| {
+        let report = work.join(format!("report-net-{}.json", name.len()));
+        NetCase {
+            name,
+            receivers: vec![vec![
+                tool.display().to_string(),
+                "receive".into(),
+                "--target-dir".into(),
+                received.display().to_string(),
+                "--listen".into(),
+                rx.to_string(),
+            ]],
+            ports: vec![],
+            url: true,
+            script: sender(format!(
+                "ip netns exec {tx} {} backup --socket {} --user root --to - --report {}{extra}",
+                tool.display(),
+                ds.server.socket.display(),
+                report.display()
+            )),
+            report: Some(report),
+            after: Some(format!("rm -rf {}", received.display())),
+        }
+    };
+    let cases = [
+        ours("myrocks-hotbackup backup --to", ""),
+        NetCase {
+            name: "tar to nc (one TCP stream)",
+            receivers: vec![nc(5200)],
+            ports: vec![5200],
+            url: false,
+            script: sender(format!("{files} | ip netns exec {tx} nc -N {rx} 5200")),
+            report: None,
+            after: None,
+        },
+        NetCase {
+            name: "tar to ssh (cat > /dev/null)",
+            receivers: vec![],
+            ports: vec![],
+            url: false,
+            script: sender(format!(
+                "{files} | ip netns exec {tx} {} root@{rx} 'cat > /dev/null'",
+                sshd.ssh_command()
+            )),
+            report: None,
+            after: None,
+        },
+    ];
+    let mut samples: Vec<Vec<NetSample>> = cases.iter().map(|_| Vec::new()).collect();
+    for run in 0..runs {
+        for (i, case) in cases.iter().enumerate() {
+            eprintln!("  network run {}/{runs}: {}", run + 1, case.name);
+            samples[i].push(transfer(&net, case, env_path, &log, &sender_log));
+        }
+    }
+
+    let packet_us = 1514.0 * 8.0 / f64::from(mbit);
+    let mut t = format!(
+        "\n### Over the network\n\n\
+         From one host to another through a router (three network namespaces, `sandbox::net::Path`): \
+         {mbit} Mbit/s ({link:.1} MB/s) each way, {NET_RTT_MS} ms round trip (measured: {rtt:.1} ms \
+         for a TCP connection), MTU 1500, the bottleneck's queue one bandwidth-delay product; the round \
+         trip is a delay line in the benchmark's own process, which copies every packet: this 2-core \
+         machine emulates about 420 Mbit/s at most, with both cores busy and nothing else running, \
+         and 1 Gbit/s not at all. \
+         Raw capacity: 8 `nc` streams of zeros carried {raw_mb:.1} MB/s ({:.2} × rate) over {:.1} s, \
+         TCP's ramp-up and the streams' uneven ends included; at best, over 2 seconds, the path carried \
+         {wire_mbit:.0} Mbit/s of whole packets ({:.2} × rate). Headers take 4.4% of a full packet \
+         (66 of 1514 bytes), so the data of a TCP stream can reach 0.96 × rate at most. \
+         Each case sends the files a backup reads from the sandbox server on the first host: ours as \
+         `receive --listen` on the far host and `backup --to -` (the receiver's URL on standard input) \
+         with its default streams; the others as a tar of the same files through one TCP stream \
+         (`nc`) and through ssh (OpenSSH, default cipher, into `cat > /dev/null`). Ours receives into a \
+         tmpfs and syncs every file. MB/s = 10^6 bytes of SST data per second of wall time, from the \
+         sender's start until the receiver exited; \"× rate\" is that against the path's rate. CPU \
+         and peak memory are the sending pipeline's, \"receiver\" ones the receiving process's \
+         (not measured for ssh: sshd's session). \"late\" is the share of packets the delay line passed \
+         on more than 1 ms after they were due: it fell behind, for want of CPU or with a burst of \
+         packets to pass on at once (each costs it about 20 µs of CPU, a full packet takes {packet_us:.0} µs \
+         at the rate: most of a burst waits in the bottleneck's queue anyway). Medians of {runs} runs \
+         (each sends the whole data set).\n\n\
+         | tool | wall s (median) | spread | MB/s | × rate | CPU s | peak MiB | receiver CPU s | receiver peak MiB | our process: CPU s/GiB | late |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        raw_mb / link,
+        capacity.sample.wall,
+        wire_mbit / f64::from(mbit),
+    );
+    let gib = ds.bytes as f64 / (1u64 << 30) as f64;
+    for (case, s) in cases.iter().zip(&samples) {
+        let walls: Vec<f64> = s.iter().map(|x| x.sample.wall).collect();
+        let wall = median(walls.clone());
+        let mb = ds.bytes as f64 / 1e6 / wall;
+        let own: Vec<f64> = s.iter().filter_map(|x| x.sample.own_cpu).collect();
+        let receiver = s
+            .iter()
+            .filter_map(|x| x.receiver_peak_mib)
+            .reduce(f64::max);
+        let receiver_cpu: Vec<f64> = s.iter().filter_map(|x| x.receiver_cpu).collect();
+        let _ = writeln!(
+            t,
+            "| {} | {wall:.2} | {} | {mb:.1} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {:.2}% |",
+            case.name,
+            spread(&walls),
+            mb / link,
+            median(s.iter().map(|x| x.sample.cpu).collect()),
+            s.iter().map(|x| x.sample.peak_mib).fold(0.0, f64::max),
+            match receiver_cpu.is_empty() {
+                true => "–".to_string(),
+                false => format!("{:.2}", median(receiver_cpu)),
+            },
+            receiver.map_or("–".to_string(), |m| format!("{m:.1}")),
+            match own.is_empty() {
+                true => "–".to_string(),
+                false => format!("{:.3}", median(own) / gib),
+            },
+            s.iter().map(|x| x.late_pct).fold(0.0, f64::max),
+        );
+    }
+    let drops: u64 = samples.iter().flatten().map(|x| x.line_drops).sum();
+    let last = samples[0].last().unwrap();
+    if let Some(n) = &last.network {
+        let mib = |k: &str| n[k].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
+        let _ = write!(
+            t,
+            "\nOurs (last run): {} streams, {:.1} MiB sent, {:.1} MiB resent, {} reconnects; ",
+            n["streams"],
+            mib("bytes_sent"),
+            mib("bytes_resent"),
+            n["reconnects"]
+        );
+    }
+    match last.sst_phase {
+        Some((secs, mib)) => {
+            let mb = mib * (1 << 20) as f64 / 1e6 / secs;
+            let _ = write!(
+                t,
+                "its snapshot round sent the SSTs ({mib:.1} MiB) in {secs:.1} s, {mb:.1} MB/s ({:.2} × rate); \
+                 everything else took {:.1} s more until the receiver was done.",
+                mb / link,
+                last.sample.wall - secs
+            );
+        }
+        None => t.push_str("no snapshot round in its log, so no rate of its SSTs alone."),
+    }
+    let _ = writeln!(
+        t,
+        " The delay line dropped {drops} packets over all the runs."
+    );
+
+    // The throttle over the path: 40 MiB/s, or 80% of the rate if that is less.
+    let cap_mib = 40u64.min((link * 0.8 * 1e6) as u64 >> 20).max(1);
+    let throttled = ours("throttled", &format!(" --avg-mbytes-per-sec {cap_mib}"));
+    eprintln!("  network: throttled to {cap_mib} MiB/s");
+    let s = transfer(&net, &throttled, env_path, &log, &sender_log);
+    let r: serde_json::Value =
+        serde_json::from_slice(&fs::read(throttled.report.as_ref().unwrap()).unwrap()).unwrap();
+    let bytes = r["bytes"].as_f64().unwrap_or(0.0);
+    let own_rate = bytes / r["duration_secs"].as_f64().unwrap_or(f64::MAX) / (1 << 20) as f64;
+    let wall_rate = bytes / s.sample.wall / (1 << 20) as f64;
+    let _ = write!(
+        t,
+        "\nThrottle over the path: `--avg-mbytes-per-sec {cap_mib}`: {:.2} GiB in {:.1} s until the \
+         receiver was done, {wall_rate:.1} MiB/s ({:+.1}% against the cap); the backup's own report: \
+         {own_rate:.1} MiB/s ({:+.1}%)",
+        bytes / (1u64 << 30) as f64,
+        s.sample.wall,
+        (wall_rate / cap_mib as f64 - 1.0) * 100.0,
+        (own_rate / cap_mib as f64 - 1.0) * 100.0,
+    );
+    match s.sst_phase {
+        Some((secs, mib)) => {
+            let _ = writeln!(
+                t,
+                "; its SSTs alone ({mib:.1} MiB in {secs:.1} s): {:.1} MiB/s ({:+.1}%).",
+                mib / secs,
+                (mib / secs / cap_mib as f64 - 1.0) * 100.0
+            );
+        }
+        None => t.push_str("; no snapshot round in its log, so no rate of its SSTs alone.\n"),
+    }
+    t
+}
+
 /// Compression ratios by kind, from the report of a compressed backup.
 fn ratios(report: &Path) -> String {
     let r: serde_json::Value = serde_json::from_slice(&fs::read(report).unwrap()).unwrap();
@@ -967,7 +1469,11 @@ fn main() {
         machine(),
         Command::new(binary("mariadbd")).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
     );
-    for make in [large_files as fn(f64) -> DataSet, many_files] {
+    let sets: &[fn(f64) -> DataSet] = match opts.only_network {
+        true => &[large_files],
+        false => &[large_files, many_files],
+    };
+    for make in sets {
         let ds = make(opts.scale);
         eprintln!("data set {}: {}", ds.name, ds.description);
         let dir = work.path().join(ds.name.replace(' ', "-"));
@@ -976,6 +1482,18 @@ fn main() {
             &format!("cat {}/#rocksdb/* > /dev/null", ds.server.datadir.display()),
             &path,
         ); // warm the cache
+        if opts.only_network {
+            let _ = write!(report, "\n## {}: {}\n", ds.name, ds.description);
+            report.push_str(&network_section(
+                &ds,
+                &tool,
+                &dir,
+                target.path(),
+                &path,
+                &opts,
+            ));
+            continue;
+        }
 
         let cases = backup_cases(&ds.server, &tool, &dir);
         let samples = run_cases(&cases, opts.runs, Some(&ds.server), &path);
@@ -1061,8 +1579,20 @@ fn main() {
 
         report.push_str(&throttle_section(&ds, &tool, &dir));
         report.push_str(&page_cache_section(&ds, &tool, target.path(), &path));
+        if ds.name == "large files" {
+            report.push_str(&network_section(
+                &ds,
+                &tool,
+                &dir,
+                target.path(),
+                &path,
+                &opts,
+            ));
+        }
     }
-    report.push_str(&stall_section(&opts, &tool, work.path(), &path));
+    if !opts.only_network {
+        report.push_str(&stall_section(&opts, &tool, work.path(), &path));
+    }
     if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).unwrap();
     }

@@ -1,6 +1,7 @@
 //! The network harness itself: a link connects its two namespaces and nothing else, a cut
-//! is silent and an established connection outlives it, shaping throttles, the sshd lets
-//! the test key in, and the relay flips exactly one bit of its first connection.
+//! is silent and an established connection outlives it, shaping throttles, a path has its
+//! round-trip time and its rate, the sshd lets the test key in (over a link and over a
+//! path), and the relay flips exactly one bit of its first connection.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -9,7 +10,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use sandbox::net::{FlipRelay, Link, Sshd, FLIP_MASK};
+use sandbox::net::{FlipRelay, Link, Path, Sshd, FLIP_MASK};
 
 /// Runs a command, returning its standard output; panics if it fails.
 fn output(cmd: &mut Command) -> String {
@@ -191,6 +192,96 @@ fn link_shapes_throughput() {
         "1 MB at 4 Mbit/s took {shaped} s"
     );
     assert!(unshaped < 0.5, "after unshape: {unshaped} s");
+}
+
+#[test]
+fn path_has_its_round_trip_and_rate() {
+    let (mbit, rtt_ms) = (40, 60);
+    let path = Path::new(mbit, rtt_ms);
+    let names = [path.tx_ns.clone(), path.mid_ns.clone(), path.rx_ns.clone()];
+    let addr = SocketAddr::from((path.rx_addr, 7003));
+    let listener = path.in_rx(|| TcpListener::bind(addr).unwrap());
+    // The first connection echoes; the second is counted, its first byte to its last.
+    let (done, got) = mpsc::channel();
+    thread::spawn(move || {
+        let (mut echo, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = echo.read(&mut buf) {
+            if n == 0 || echo.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let (mut sink, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let (mut total, mut first) = (0usize, None);
+        loop {
+            let n = sink.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            first.get_or_insert_with(Instant::now);
+            total += n;
+        }
+        done.send((total, first.unwrap().elapsed())).unwrap();
+    });
+
+    // The round trip: a byte there and back, the fastest of five.
+    let started = Instant::now();
+    let mut echo = path.in_tx(|| TcpStream::connect(addr).unwrap());
+    let connect = started.elapsed();
+    let rtt = (0..5)
+        .map(|_| {
+            let started = Instant::now();
+            assert_eq!(ping(&mut echo, b"x", Duration::from_secs(5)).unwrap(), b"x");
+            started.elapsed()
+        })
+        .min()
+        .unwrap();
+    let expected = Duration::from_millis(rtt_ms.into());
+    for (what, took) in [("connect", connect), ("echo", rtt)] {
+        assert!(
+            took >= expected - Duration::from_millis(1)
+                && took < expected + Duration::from_millis(20),
+            "{what} took {took:?} on a path of {rtt_ms} ms"
+        );
+    }
+    drop(echo);
+
+    // One stream, 6 MB: no faster than the rate (whole packets count against it, headers
+    // too), and not much slower either (TCP's ramp-up takes a few round trips).
+    let mut stream = path.in_tx(|| TcpStream::connect(addr).unwrap());
+    stream.write_all(&vec![7u8; 6_000_000]).unwrap();
+    drop(stream);
+    let (total, took) = got.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!(total, 6_000_000);
+    let got_mbit = total as f64 * 8.0 / 1e6 / took.as_secs_f64();
+    assert!(
+        got_mbit <= f64::from(mbit) && got_mbit > f64::from(mbit) * 0.4,
+        "one stream: {got_mbit:.1} Mbit/s on a path of {mbit} Mbit/s"
+    );
+    let stats = path.stats();
+    assert!(stats.packets > 4000, "{stats:?}");
+    assert!(stats.to_rx_bytes > 6_000_000, "{stats:?}");
+
+    // An sshd on the far host of the path.
+    let sshd = Sshd::start(&path);
+    let line = sshd.ssh_command();
+    let mut words = line.split_whitespace();
+    let said = output(
+        path.tx(words.next().unwrap())
+            .args(words)
+            .arg(format!("root@{}", sshd.host()))
+            .arg("echo ok"),
+    );
+    assert_eq!(said, "ok\n");
+    drop(sshd);
+
+    // Dropped, the path leaves no namespace behind.
+    drop(path);
+    let listed = output(Command::new("ip").args(["netns", "list"]));
+    for name in names {
+        assert!(!listed.contains(&name), "{name} is left:\n{listed}");
+    }
 }
 
 #[test]

@@ -48,7 +48,9 @@ pub trait Sink: Sync {
 /// One file being stored.
 pub trait SinkFile: Send {
     fn write(&mut self, chunk: Chunk) -> Result<()>;
-    /// Returns once the sink holds the whole file safely; `record` describes what was
+    /// Returns once the sink holds the whole file safely: stored durably, or its bytes
+    /// kept until the destination acknowledges them (a failure there then fails the
+    /// commit), so the source may go (a checkpoint's link is removed). `record` describes what was
     /// written (size and CRC-32 of the stored bytes, and of the original when compressed).
     fn finish(self: Box<Self>, record: &FileRecord) -> Result<()>;
 }

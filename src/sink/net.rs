@@ -2,8 +2,9 @@
 //! connection threads drain, so one large SST travels over all connections at once. Each
 //! connection keeps at most [`WINDOW`] bytes unacknowledged; when a connection dies, its
 //! unacknowledged blocks go back to the queue and it reconnects (the other connections
-//! carry on), so a cut path costs at most one window per connection sent twice. A file is
-//! held once the receiver says it synced and checked it; the manifest goes last.
+//! carry on), so a cut path costs at most one window per connection sent twice. A file's
+//! bytes stay here until acknowledged; the receiver's word that it synced and checked the
+//! whole file is collected meanwhile, and the manifest goes once every word is in.
 //!
 //! A receiver that already holds files (a transfer resumed) says so when a sender connects:
 //! SSTs it holds whole are not read at all, and blocks of a file it holds in part are not
@@ -341,7 +342,25 @@ impl Sink for NetSink {
         }))
     }
 
+    /// Waits for the receiver's word on every file (each synced, read back and checked
+    /// there), then sends the manifest and waits for the commit.
     fn commit(&self, manifest: &[u8]) -> Result<()> {
+        let mut state = lock(&self.shared.state);
+        loop {
+            if let Some(reason) = &state.failed {
+                return Err(Error::Network(reason.clone()));
+            }
+            if state.files.values().all(|p| p.word.is_some()) {
+                break;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, HEARTBEAT)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(state);
         self.put(Out::Commit {
             id: self.id(),
             manifest: Arc::new(manifest.to_vec()),
@@ -437,6 +456,7 @@ impl SinkFile for NetFile<'_> {
         })
     }
 
+    /// Returns once the end is queued: see [`NetSink::commit`] for the receiver's word.
     fn finish(self: Box<Self>, record: &FileRecord) -> Result<()> {
         let shared = &self.sink.shared;
         lock(&shared.state).files.insert(
@@ -450,31 +470,13 @@ impl SinkFile for NetFile<'_> {
             record: record.clone(),
             blocks: self.blocks.clone(),
         };
+        // The file's bytes stay here until the receiver acknowledges them (an SST's in its
+        // mapping, which outlives the checkpoint's link), so the next file need not wait a
+        // round trip for the receiver's word on this one: the commit waits for every word.
         self.sink.put(Out::End {
             id: self.sink.id(),
             record: proto::to_json(&end),
-        })?;
-        let mut state = lock(&shared.state);
-        loop {
-            if let Some(word) = state.files.get(&*self.path).and_then(|p| p.word.clone()) {
-                state.files.remove(&*self.path);
-                return match word {
-                    None => Ok(()),
-                    Some(problem) => Err(Error::Network(format!(
-                        "the receiver did not accept {}: {problem}",
-                        self.path
-                    ))),
-                };
-            }
-            if let Some(reason) = &state.failed {
-                return Err(Error::Network(reason.clone()));
-            }
-            state = shared
-                .changed
-                .wait_timeout(state, HEARTBEAT)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        })
     }
 }
 
@@ -724,10 +726,16 @@ impl Shared {
                 let done: FileDone = proto::from_json(&frame.body)?;
                 let mut state = lock(&self.state);
                 if let Some(pending) = state.files.get_mut(&done.path) {
-                    pending.word = Some(done.problem);
+                    pending.word = Some(done.problem.clone());
                 }
                 drop(state);
                 self.changed.notify_all();
+                if let Some(problem) = done.problem {
+                    self.fail(format!(
+                        "the receiver did not accept {}: {problem}",
+                        done.path
+                    ));
+                }
             }
             proto::COMMITTED => {
                 let committed: Committed = proto::from_json(&frame.body)?;
