@@ -415,10 +415,6 @@ fn flip_relay_flips_one_bit_of_the_first_connection() {
     assert!(!relay.flipped());
     assert_eq!(relay.connections(), 2);
 
-    // Dropped, the relay accepts no more.
-    let addr = relay.addr();
-    drop(relay);
-    assert!(TcpStream::connect(addr).is_err());
 }
 
 #[test]
