@@ -414,7 +414,6 @@ fn flip_relay_flips_one_bit_of_the_first_connection() {
     assert!(send(&relay, &second, &got) == second);
     assert!(!relay.flipped());
     assert_eq!(relay.connections(), 2);
-
 }
 
 #[test]
