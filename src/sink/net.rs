@@ -345,55 +345,27 @@ impl Sink for NetSink {
     /// Waits for the receiver's word on every file (each synced, read back and checked
     /// there), then sends the manifest and waits for the commit.
     fn commit(&self, manifest: &[u8]) -> Result<()> {
-        let mut state = lock(&self.shared.state);
-        loop {
-            if let Some(reason) = &state.failed {
-                return Err(Error::Network(reason.clone()));
-            }
-            if state.files.values().all(|p| p.word.is_some()) {
-                break;
-            }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, HEARTBEAT)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        drop(state);
+        self.shared
+            .wait_for(|state| state.files.values().all(|p| p.word.is_some()).then_some(()))?;
         self.put(Out::Commit {
             id: self.id(),
             manifest: Arc::new(manifest.to_vec()),
         })?;
-        let mut state = lock(&self.shared.state);
-        loop {
-            if let Some(committed) = state.committed.take() {
-                drop(state);
-                self.stop();
-                for line in committed.report {
-                    info!("Receiver: {line}");
-                }
-                let f = self.figures();
-                info!(
-                    "Sent {} over {} connections ({} sent again after lost connections, {} reconnects; {} already held by the receiver)",
-                    crate::log::human(f.bytes_sent),
-                    f.streams,
-                    crate::log::human(f.bytes_resent),
-                    f.reconnects,
-                    crate::log::human(f.bytes_held)
-                );
-                return Ok(());
-            }
-            if let Some(reason) = &state.failed {
-                return Err(Error::Network(reason.clone()));
-            }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, HEARTBEAT)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+        let committed = self.shared.wait_for(|state| state.committed.take())?;
+        self.stop();
+        for line in committed.report {
+            info!("Receiver: {line}");
         }
+        let f = self.figures();
+        info!(
+            "Sent {} over {} connections ({} sent again after lost connections, {} reconnects; {} already held by the receiver)",
+            crate::log::human(f.bytes_sent),
+            f.streams,
+            crate::log::human(f.bytes_resent),
+            f.reconnects,
+            crate::log::human(f.bytes_held)
+        );
+        Ok(())
     }
 
     fn abort(&self) -> Option<Error> {
@@ -492,6 +464,24 @@ impl Shared {
         match &lock(&self.state).failed {
             Some(reason) => Err(Error::Network(reason.clone())),
             None => Ok(()),
+        }
+    }
+
+    /// Waits until `ready` gives a value, or the transfer fails.
+    fn wait_for<T>(&self, mut ready: impl FnMut(&mut State) -> Option<T>) -> Result<T> {
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(reason) = &state.failed {
+                return Err(Error::Network(reason.clone()));
+            }
+            if let Some(value) = ready(&mut state) {
+                return Ok(value);
+            }
+            state = self
+                .changed
+                .wait_timeout(state, HEARTBEAT)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 

@@ -60,6 +60,17 @@ fn receive(mut cmd: Command) -> Receiving {
 }
 
 impl Receiving {
+    /// The port of the URL.
+    fn port(&self) -> u16 {
+        let authority = self
+            .url
+            .trim_start_matches("mhb://")
+            .split('/')
+            .next()
+            .unwrap();
+        authority.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
     fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
@@ -468,16 +479,7 @@ fn a_bit_flipped_in_transit_is_detected_and_sent_again() {
     let receiver = receive(receive_cmd(None, &dir, &[]));
     // The sender reaches the receiver only through the relay, which damages its first
     // connection once.
-    let port: u16 = receiver
-        .url
-        .split(':')
-        .nth(2)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = receiver.port();
     let relay = FlipRelay::start(([127, 0, 0, 1], port).into(), 256 << 10);
     let url = receiver
         .url
@@ -520,16 +522,7 @@ fn strangers_wrong_tokens_wrong_keys_and_second_senders_are_refused() {
 
     let dir = tmp.path().join("target");
     let receiver = receive(receive_cmd(None, &dir, &[]));
-    let port: u16 = receiver
-        .url
-        .split(':')
-        .nth(2)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = receiver.port();
     // A stranger speaking no TLS.
     let mut stranger = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let _ = stranger.write_all(b"GET / HTTP/1.0\r\n\r\n");
