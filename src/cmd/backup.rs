@@ -143,13 +143,23 @@ pub fn run(args: BackupArgs) -> Result<()> {
     let destination = match (&args.target_dir, &args.to, &args.via_ssh) {
         (Some(dir), _, _) => Destination::Dir(DirSink::create(dir)?),
         (None, Some(to), _) => Destination::Net(
-            Box::new(NetSink::connect(&read_url(&to.0)?, streams, source)?),
+            Box::new(NetSink::connect(
+                &read_url(&to.0)?,
+                streams,
+                source,
+                cancel.clone(),
+            )?),
             None,
         ),
         (None, None, Some(ssh)) => {
             let remote = RemoteReceiver::start(&ssh.host, &ssh.args)?;
             Destination::Net(
-                Box::new(NetSink::connect(&remote.url, streams, source)?),
+                Box::new(NetSink::connect(
+                    &remote.url,
+                    streams,
+                    source,
+                    cancel.clone(),
+                )?),
                 Some(remote),
             )
         }

@@ -4,7 +4,7 @@
 
 use std::io::{self, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
@@ -33,7 +33,7 @@ pub struct Frame {
 
 pub struct Link {
     tls: Connection,
-    sock: TcpStream,
+    sock: Arc<TcpStream>,
     reader: BufReader<TcpStream>,
     inbuf: Vec<u8>,
     max_frame: usize,
@@ -102,7 +102,7 @@ impl Link {
         let reader = BufReader::with_capacity(READ_BUFFER, sock.try_clone()?);
         Ok(Link {
             tls,
-            sock,
+            sock: Arc::new(sock),
             reader,
             inbuf: Vec::new(),
             max_frame: MAX_FRAME_BEFORE_ADMISSION,
@@ -110,6 +110,12 @@ impl Link {
             last_sent: Instant::now(),
             last_heard: Instant::now(),
         })
+    }
+
+    /// A handle on the socket, to cut the connection from another thread (it does not keep
+    /// the connection open).
+    pub fn socket(&self) -> Weak<TcpStream> {
+        Arc::downgrade(&self.sock)
     }
 
     /// Lets the peer send frames of any size the protocol uses (once it is admitted).
@@ -144,7 +150,7 @@ impl Link {
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.tls.writer().write_all(bytes)?;
         while self.tls.wants_write() {
-            self.tls.write_tls(&mut self.sock)?;
+            self.tls.write_tls(&mut &*self.sock)?;
         }
         Ok(())
     }
@@ -160,7 +166,7 @@ impl Link {
             }
             if !fresh {
                 let wait = deadline.saturating_duration_since(Instant::now());
-                if self.reader.buffer().is_empty() && !crate::sys::wait_readable(&self.sock, wait)?
+                if self.reader.buffer().is_empty() && !crate::sys::wait_readable(&*self.sock, wait)?
                 {
                     return Ok(None);
                 }
@@ -180,7 +186,7 @@ impl Link {
             let state = match self.tls.process_new_packets() {
                 Ok(state) => state,
                 Err(e) => {
-                    let _ = self.tls.write_tls(&mut self.sock);
+                    let _ = self.tls.write_tls(&mut &*self.sock);
                     return Err(io::Error::new(ErrorKind::InvalidData, e));
                 }
             };
@@ -192,7 +198,7 @@ impl Link {
                 self.tls.reader().read_exact(&mut self.inbuf[start..])?;
             }
             while self.tls.wants_write() {
-                self.tls.write_tls(&mut self.sock)?;
+                self.tls.write_tls(&mut &*self.sock)?;
             }
             if closed && available == 0 && self.inbuf.len() < 5 {
                 return Err(io::Error::new(
@@ -227,7 +233,7 @@ impl Link {
     pub fn close(mut self) {
         self.tls.send_close_notify();
         while self.tls.wants_write() {
-            if self.tls.write_tls(&mut self.sock).is_err() {
+            if self.tls.write_tls(&mut &*self.sock).is_err() {
                 break;
             }
         }

@@ -15,6 +15,9 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::cancel::Cancel;
+use crate::error::Result;
+
 pub struct Pool {
     free: Receiver<Vec<u8>>,
     home: Sender<Vec<u8>>,
@@ -37,18 +40,27 @@ impl Pool {
     }
 
     /// A buffer of the pool's size, waiting for one to come back when all are in use.
-    pub fn get(&self) -> Buf {
+    /// (A stop signal ends the wait: buffers may be held by a destination that is gone.)
+    pub fn get(&self, cancel: &Cancel) -> Result<Buf> {
         let data = match self.free.try_recv() {
             Ok(data) => data,
             Err(_) if self.reserve() => vec![0; self.size],
-            Err(_) => self.free.recv().expect("the pool holds a sender"),
+            Err(_) => loop {
+                match self
+                    .free
+                    .recv_timeout(std::time::Duration::from_millis(200))
+                {
+                    Ok(data) => break data,
+                    Err(_) => cancel.check()?,
+                }
+            },
         };
-        Buf {
+        Ok(Buf {
             len: 0,
             data,
             home: Some(self.home.clone()),
             mapped: None,
-        }
+        })
     }
 
     fn reserve(&self) -> bool {
@@ -145,11 +157,12 @@ mod tests {
     #[test]
     fn buffers_return_to_their_pool_and_are_reused() {
         let pool = Pool::new(2, 16);
-        let a = pool.get();
-        let b = pool.get();
+        let never = Cancel::never();
+        let a = pool.get(&never).unwrap();
+        let b = pool.get(&never).unwrap();
         let ptr = a.data.as_ptr();
         drop(a);
-        let c = pool.get(); // must be a's buffer: no third allocation
+        let c = pool.get(&never).unwrap(); // must be a's buffer: no third allocation
         assert_eq!(c.data.as_ptr(), ptr);
         assert_eq!(pool.allocated.load(Ordering::Relaxed), 2);
         drop((b, c));
@@ -158,9 +171,10 @@ mod tests {
     #[test]
     fn a_full_pool_waits_for_a_buffer() {
         let pool = Pool::new(1, 8);
-        let a = pool.get();
+        let never = Cancel::never();
+        let a = pool.get(&never).unwrap();
         std::thread::scope(|s| {
-            let waiter = s.spawn(|| pool.get().space().len());
+            let waiter = s.spawn(|| pool.get(&never).unwrap().space().len());
             std::thread::sleep(std::time::Duration::from_millis(50));
             assert!(!waiter.is_finished());
             drop(a);

@@ -111,7 +111,7 @@ fn store_file(
             out.push(buf)?;
             continue;
         }
-        let mut buf = ctx.pool.get();
+        let mut buf = ctx.pool.get(&ctx.cancel)?;
         let got = read_full(&mut &*file, &mut buf.space()[..want]).with_path("read", src)?;
         if got < want {
             return Err(Error::io(
@@ -150,7 +150,7 @@ fn store_bytes(name: &str, kind: Kind, bytes: &[u8], ctx: &Ctx) -> Result<FileRe
     }
     let mut out = Writer::new(ctx, ctx.sink.open(&meta)?, compress);
     for piece in bytes.chunks(CHUNK_SIZE) {
-        let mut buf = ctx.pool.get();
+        let mut buf = ctx.pool.get(&ctx.cancel)?;
         buf.space()[..piece.len()].copy_from_slice(piece);
         buf.set_len(piece.len());
         ctx.progress.add(piece.len() as u64);
@@ -221,7 +221,7 @@ impl<'a> Writer<'a> {
             (true, Some(c)) => {
                 let (reply, result) = crossbeam_channel::bounded(1);
                 let job = Job {
-                    output: c.pool.get(),
+                    output: c.pool.get(&self.ctx.cancel)?,
                     input: chunk.data,
                     reply,
                 };
@@ -253,7 +253,7 @@ impl<'a> Writer<'a> {
     fn finish(mut self, name: &str, kind: Kind) -> Result<FileRecord> {
         if self.compress && self.size == 0 {
             // An empty file still becomes one zstd frame: `.zst` files are never empty.
-            self.push(self.ctx.pool.get())?;
+            self.push(self.ctx.pool.get(&self.ctx.cancel)?)?;
         }
         while !self.pending.is_empty() {
             self.take_one()?;

@@ -21,6 +21,7 @@ use crossbeam_channel::{Receiver, Sender};
 use rustls::ClientConfig;
 
 use super::{Chunk, Sink, SinkFile};
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::format::manifest::{FileRecord, Kind};
 use crate::format::{FileMeta, CHUNK_SIZE};
@@ -147,9 +148,13 @@ struct Shared {
     resent: AtomicU64,
     held: AtomicU64,
     reconnects: AtomicU64,
+    /// Handles on the connections' sockets, to cut them when giving up (a write to a
+    /// receiver that stopped reading would otherwise wait for DEAD_AFTER).
+    sockets: Mutex<Vec<std::sync::Weak<std::net::TcpStream>>>,
 }
 
 pub struct NetSink {
+    cancel: Cancel,
     shared: Arc<Shared>,
     queue: Sender<Out>,
     next_id: AtomicU64,
@@ -166,7 +171,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl NetSink {
     /// Connects to the receiver at `url` with `streams` connections (the URL's number when
     /// none is given). `source` names the server backed up.
-    pub fn connect(url: &Url, streams: Option<usize>, source: String) -> Result<NetSink> {
+    /// A stop signal (`cancel`) ends waits for room in the queue.
+    pub fn connect(
+        url: &Url,
+        streams: Option<usize>,
+        source: String,
+        cancel: Cancel,
+    ) -> Result<NetSink> {
         let streams = streams
             .or((url.streams > 0).then_some(url.streams))
             .unwrap_or(DEFAULT_STREAMS)
@@ -194,6 +205,7 @@ impl NetSink {
             resent: AtomicU64::new(0),
             held: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            sockets: Mutex::new(Vec::new()),
         });
         // The first connection learns what the receiver holds; a receiver busy with another
         // sender that is going away is waited for, a while.
@@ -256,6 +268,7 @@ impl NetSink {
             workers.push(std::thread::spawn(move || shared.worker(n, link)));
         }
         Ok(NetSink {
+            cancel,
             shared,
             queue: tx,
             next_id: AtomicU64::new(1),
@@ -288,6 +301,7 @@ impl NetSink {
     fn put(&self, mut out: Out) -> Result<()> {
         loop {
             self.shared.check()?;
+            self.cancel.check()?;
             match self.queue.send_timeout(out, HEARTBEAT) {
                 Ok(()) => return Ok(()),
                 Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => out = back,
@@ -381,6 +395,11 @@ impl Sink for NetSink {
         lock(&self.shared.state)
             .failed
             .get_or_insert_with(|| "aborted".into());
+        for socket in lock(&self.shared.sockets).drain(..) {
+            if let Some(socket) = socket.upgrade() {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            }
+        }
         self.stop();
         failure.map(Error::Network)
     }
@@ -497,6 +516,11 @@ impl Shared {
     fn connect(&self) -> std::result::Result<(Link, Welcome), Connect> {
         let failed = |e: std::io::Error| Connect::Failed(e.to_string());
         let mut link = Link::connect(self.addr, self.config.clone()).map_err(failed)?;
+        let mut sockets = lock(&self.sockets);
+        // Handles of connections gone are dropped along the way.
+        sockets.retain(|s| s.strong_count() > 0);
+        sockets.push(link.socket());
+        drop(sockets);
         // The receiver proved it holds the URL's key: its frames may be large.
         link.admit();
         link.send(proto::HELLO, &[&self.hello]).map_err(failed)?;

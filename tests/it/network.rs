@@ -575,3 +575,31 @@ fn a_full_disk_on_the_receiver_stops_both_ends_with_the_reason() {
     assert!(rx_log.contains("No space left on device"), "{rx_log}");
     assert!(!dir.join("myrocks_hotbackup.json").exists());
 }
+
+#[test]
+fn a_sender_stopped_while_its_receiver_hangs_exits_at_once() {
+    let source = Server::start();
+    load_bank(&source, 5_000);
+    load_filler(&source, 64);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("hung");
+    let receiver = receive(receive_cmd(None, &dir, &[]));
+    let sender = send(None, &source, &receiver.url, &[]);
+    wait_for_bytes(&dir, 1 << 20);
+    // The receiver stops reading: every buffer of the sender ends up waiting for it.
+    let rx = receiver.child.id() as i32;
+    unsafe { libc::kill(rx, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    unsafe { libc::kill(sender.id() as i32, libc::SIGTERM) };
+    let (status, log) = finished(sender);
+    let took = started.elapsed();
+    unsafe { libc::kill(rx, libc::SIGKILL) };
+    unsafe { libc::kill(rx, libc::SIGCONT) };
+    let _ = receiver.wait();
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(
+        took < Duration::from_secs(12),
+        "SIGTERM took {took:?} to end the backup:\n{log}"
+    );
+}
