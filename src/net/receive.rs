@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -34,6 +34,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::layout::MANIFEST_NAME;
 use crate::format::manifest::{FileRecord, Manifest};
 use crate::format::{safe_components, CHUNK_SIZE};
+use crate::restore::backup_dir::file_crc;
 use crate::sink::dir::{publish_manifest, sync_dir};
 use crate::{info, warn};
 
@@ -413,19 +414,11 @@ fn block_crcs(path: &Path) -> std::io::Result<Vec<(u64, u32, u32)>> {
     }
 }
 
-fn crc_of(path: &Path) -> std::io::Result<(u64, u32)> {
-    let mut file = File::open(path)?;
-    let mut hasher = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok((size, hasher.finalize()));
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
+/// The size and CRC-32 of a file as it is on disk.
+fn crc_of(path: &Path) -> Result<(u64, u32)> {
+    let size = fs::metadata(path).with_path("stat", path)?.len();
+    let crc32 = file_crc(path, &mut vec![0u8; CHUNK_SIZE], &Cancel::never())?;
+    Ok((size, crc32))
 }
 
 /// The regular files under `root/rel` but `keep` and `journal`, as paths relative to
@@ -1006,7 +999,7 @@ impl Session {
         file.set_len(record.size)
             .and_then(|()| file.sync_all())
             .with_path("sync", &full)?;
-        let (size, crc32) = crc_of(&full).with_path("read", &full)?;
+        let (size, crc32) = crc_of(&full)?;
         let problem = (size != record.size || crc32 != record.crc32).then(|| {
             format!(
                 "{path} as written ({size} bytes, CRC-32 {crc32:08x}) is not what was sent ({} bytes, CRC-32 {:08x})",

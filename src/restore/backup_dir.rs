@@ -255,7 +255,7 @@ fn walk(dir: &Path, prefix: &str, listed: bool, out: &mut BTreeMap<String, u64>)
 }
 
 /// The CRC-32 of a whole file.
-fn file_crc(path: &Path, buf: &mut [u8], cancel: &Cancel) -> Result<u32> {
+pub(crate) fn file_crc(path: &Path, buf: &mut [u8], cancel: &Cancel) -> Result<u32> {
     let mut f = fs::File::open(path).with_path("open", path)?;
     crate::sys::advise_sequential(&f);
     let mut crc = crc32fast::Hasher::new();

@@ -86,26 +86,6 @@ fn info_json(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Starts a server on a restored datadir, makes it replicate from `source` from the
-/// backup's GTID, and checks that it converges to the source's checksums.
-fn assert_replicates_from_backup_gtid(copy: &Server, source: &Server, gtid: &str) {
-    assert_bank_consistent(copy);
-    copy.exec(&format!(
-        "SET GLOBAL gtid_slave_pos = '{gtid}';
-         CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {}, MASTER_USER = 'root', MASTER_USE_GTID = slave_pos;
-         START SLAVE",
-        source.port
-    ));
-    let end = source.value("SELECT @@gtid_binlog_pos");
-    assert_eq!(
-        copy.value(&format!("SELECT MASTER_GTID_WAIT('{end}', 120)")),
-        "0",
-        "the restored copy did not catch up from {gtid}"
-    );
-    assert_eq!(copy.checksums("bank"), source.checksums("bank"));
-    assert_eq!(copy.logged_errors(), Vec::<String>::new());
-}
-
 /// Plain and compressed directory backups under the bank workload: verified, described by
 /// `info`, reported by `--report`, restored with `copy-back` and `move-back`, started, and
 /// equal to the source at their GTIDs.

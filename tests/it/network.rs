@@ -164,14 +164,7 @@ fn assert_restores_and_replicates(backup: &Path, datadir: &Path, source: &Server
         .unwrap()
         .to_string();
     let copy = Server::start_on(datadir, &[]);
-    assert_bank_consistent(&copy);
-    copy.exec(&format!(
-        "SET GLOBAL gtid_slave_pos = '{gtid}';
-         CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {}, MASTER_USER = 'root', MASTER_USE_GTID = slave_pos;
-         START SLAVE",
-        source.port
-    ));
-    wait_converged(&copy, source);
+    assert_replicates_from_backup_gtid(&copy, source, &gtid);
 }
 
 fn wait_converged(copy: &Server, source: &Server) {

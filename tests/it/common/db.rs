@@ -199,3 +199,23 @@ impl Drop for Mount {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// Makes a server started on a restored datadir replicate from `source` from the
+/// backup's GTID, and checks that it converges to the source's checksums.
+pub fn assert_replicates_from_backup_gtid(copy: &Server, source: &Server, gtid: &str) {
+    sandbox::workload::assert_bank_consistent(copy);
+    copy.exec(&format!(
+        "SET GLOBAL gtid_slave_pos = '{gtid}';
+         CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {}, MASTER_USER = 'root', MASTER_USE_GTID = slave_pos;
+         START SLAVE",
+        source.port
+    ));
+    let end = source.value("SELECT @@gtid_binlog_pos");
+    assert_eq!(
+        copy.value(&format!("SELECT MASTER_GTID_WAIT('{end}', 120)")),
+        "0",
+        "the restored copy did not catch up from {gtid}"
+    );
+    assert_eq!(copy.checksums("bank"), source.checksums("bank"));
+    assert_eq!(copy.logged_errors(), Vec::<String>::new());
+}
