@@ -37,6 +37,9 @@ pub enum Error {
     /// A transfer over the network failed: the peer refused, vanished or sent bad data.
     #[error("{0}")]
     Network(String),
+    /// The backup repository (an object store or its directory) failed or is unreachable.
+    #[error("{0}")]
+    Store(String),
     /// A destination that stopped taking files because of an earlier error (reported first).
     #[error("the backup's destination was closed after an earlier error")]
     Closed,
@@ -57,6 +60,7 @@ impl Error {
             | Error::Refused(_)
             | Error::Server(_)
             | Error::Network(_)
+            | Error::Store(_)
             | Error::Closed => exit::FAILURE,
         }
     }

@@ -134,6 +134,8 @@ impl LegacyArgs {
             stream,
             target_dir: None,
             to: None,
+            repo: None,
+            key_file: None,
             streams: None,
             via_ssh,
             parallel: None,

@@ -90,6 +90,121 @@ pub enum Command {
     /// Copy this server onto another host over ssh, restored and ready to start as a replica
     #[command(disable_help_flag = true)]
     Clone(CloneArgs),
+    /// Manage a repository of incremental backups (`repo init`)
+    #[command(subcommand)]
+    Repo(RepoCommand),
+    /// List the snapshots of a repository
+    Snapshots(SnapshotsArgs),
+    /// Restore a snapshot of a repository into empty data directories
+    Restore(RepoRestoreArgs),
+    /// Remove snapshots from a repository by a keep policy (their data goes at the next prune)
+    Forget(ForgetArgs),
+    /// Delete the data of a repository that no snapshot uses, safely while backups run
+    Prune(PruneArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepoCommand {
+    /// Create a repository: encrypted with a key file, or --no-encryption
+    Init(RepoInitArgs),
+}
+
+/// Which repository, and its key.
+#[derive(Args, Debug, Clone)]
+pub struct RepoArgs {
+    /// The repository: s3://BUCKET/PREFIX (settings from AWS_ENDPOINT_URL, AWS_REGION,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or the [myrocks-hotbackup] option group:
+    /// s3-endpoint, s3-region, s3-access-key-id, s3-secret-access-key), or a directory
+    #[arg(long, value_name = "URL")]
+    pub repo: String,
+    /// The repository's key file (64 hex digits); never give a key on the command line
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct RepoInitArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Store objects unencrypted (names still reveal nothing about tables)
+    #[arg(long)]
+    pub no_encryption: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotsArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Only this host's snapshots
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
+    /// Print as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RepoRestoreArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The snapshot to restore: its id (a unique prefix will do) or `latest`
+    #[arg(long, value_name = "ID|latest", default_value = "latest")]
+    pub snapshot: String,
+    /// Target datadir: must be empty or absent
+    #[arg(short = 'd', long, value_name = "DIR")]
+    pub datadir: PathBuf,
+    /// Target for RocksDB data files [default: DATADIR/#rocksdb]
+    #[arg(short = 'r', long, value_name = "DIR")]
+    pub rocksdb_datadir: Option<PathBuf>,
+    /// Target for RocksDB WAL files [default: the RocksDB data directory]
+    #[arg(short = 'w', long, value_name = "DIR")]
+    pub rocksdb_waldir: Option<PathBuf>,
+    /// Where the files are downloaded to before they move into place; on the datadir's
+    /// filesystem [default: .DATADIR.restoring-ID beside the datadir]
+    #[arg(long, value_name = "DIR")]
+    pub staging_dir: Option<PathBuf>,
+    /// Files downloaded at once
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel: Option<u16>,
+    /// The server's option file, for re-creating the mysql schema's InnoDB tables
+    #[arg(long, value_name = "FILE")]
+    pub defaults_file: Option<PathBuf>,
+    /// The server binary that re-creates the mysql schema's InnoDB tables
+    #[arg(long, value_name = "PATH")]
+    pub mariadbd: Option<PathBuf>,
+    /// Restore the files only (on a host without mariadbd)
+    #[arg(long)]
+    pub skip_bootstrap: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Keep the newest N snapshots (of each host)
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
+    /// Keep the newest snapshot of each of the last N days that have one
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<usize>,
+    /// Keep the newest snapshot of each of the last N weeks that have one
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<usize>,
+    /// Keep the newest snapshot of each of the last N months that have one
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<usize>,
+    /// Only this host's snapshots [default: every host, each by the policy]
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
+    /// Prune afterwards
+    #[arg(long)]
+    pub prune: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
 }
 
 /// How to reach the server. Values not given here come from MYSQL_PWD and option files.
@@ -151,6 +266,13 @@ pub struct BackupArgs {
     /// (`@FILE`) or from standard input (`-`). The URL holds a secret: never pass it here
     #[arg(long, value_name = "@FILE|-")]
     pub to: Option<To>,
+    /// Back up into a repository (`repo init`): s3://BUCKET/PREFIX or a directory. Only the
+    /// SSTs it does not hold yet are read; prints the snapshot id on stdout
+    #[arg(long, value_name = "URL", conflicts_with_all = ["target_dir", "to", "stream"])]
+    pub repo: Option<String>,
+    /// The repository's key file
+    #[arg(long, value_name = "FILE", requires = "repo")]
+    pub key_file: Option<PathBuf>,
     /// Connections to the receiver [default: as many as the receiver asks for, 8]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub streams: Option<u16>,
@@ -340,6 +462,8 @@ impl CloneArgs {
             stream: None,
             target_dir: None,
             to: None,
+            repo: None,
+            key_file: None,
             streams: self.streams,
             via_ssh: Some(SshReceiver {
                 host: self.to_host,
@@ -407,13 +531,25 @@ pub struct VerifyArgs {
     /// The backup directory (a directory backup, or an extracted stream)
     #[arg(
         value_name = "DIR",
-        required_unless_present = "stream",
+        required_unless_present_any = ["stream", "repo"],
         conflicts_with = "stream"
     )]
     pub dir: Option<PathBuf>,
     /// Verify a tar or xbstream stream instead (a file, or - for stdin)
     #[arg(long, value_name = "FILE")]
     pub stream: Option<PathBuf>,
+    /// Verify a repository instead: every snapshot's objects are there
+    #[arg(long, value_name = "URL", conflicts_with_all = ["stream", "dir"])]
+    pub repo: Option<String>,
+    /// The repository's key file
+    #[arg(long, value_name = "FILE", requires = "repo")]
+    pub key_file: Option<PathBuf>,
+    /// Only this snapshot of the repository
+    #[arg(long, value_name = "ID", requires = "repo")]
+    pub snapshot: Option<String>,
+    /// Download and check every byte of the repository's snapshots
+    #[arg(long, requires = "repo")]
+    pub read_data: bool,
     /// Print the result as JSON on stdout
     #[arg(long)]
     pub json: bool,
@@ -457,6 +593,11 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, clap::
                 | "info"
                 | "receive"
                 | "clone"
+                | "repo"
+                | "snapshots"
+                | "restore"
+                | "forget"
+                | "prune"
                 | "help"
                 | "-h"
                 | "--help"

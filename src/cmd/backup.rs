@@ -19,6 +19,7 @@ use crate::pipeline::progress::{Bar, Lines, Progress, Quiet};
 use crate::pipeline::{Options, Pipeline};
 use crate::sink::dir::DirSink;
 use crate::sink::net::{Figures, NetSink};
+use crate::sink::repo::{Figures as RepoFigures, RepoSink};
 use crate::sink::stream::StreamSink;
 use crate::sink::Sink;
 use crate::{engine, info, warn};
@@ -29,6 +30,7 @@ enum Destination {
     Stream(StreamSink),
     /// A receiver, and the ssh session that started it, if this run did.
     Net(Box<NetSink>, Option<RemoteReceiver>),
+    Repo(Box<RepoSink>),
 }
 
 impl Destination {
@@ -37,6 +39,7 @@ impl Destination {
             Destination::Dir(s) => s,
             Destination::Stream(s) => s,
             Destination::Net(s, _) => &**s,
+            Destination::Repo(s) => &**s,
         }
     }
 }
@@ -85,6 +88,9 @@ struct Report<'a> {
     /// Transfer figures of a backup sent to a receiver.
     #[serde(skip_serializing_if = "Option::is_none")]
     network: Option<Figures>,
+    /// What a backup into a repository reused and uploaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repository: Option<RepoFigures>,
     duration_secs: f64,
     bytes_per_sec: f64,
     /// CPU seconds (user and system) of the backup process.
@@ -94,7 +100,10 @@ struct Report<'a> {
 
 pub fn run(args: BackupArgs) -> Result<()> {
     let format = args.stream.unwrap_or(Format::Tar);
-    let to_stream = args.target_dir.is_none() && args.to.is_none() && args.via_ssh.is_none();
+    let to_stream = args.target_dir.is_none()
+        && args.to.is_none()
+        && args.via_ssh.is_none()
+        && args.repo.is_none();
     if args.compress.is_some() && to_stream && format == Format::Tar {
         return Err(Error::Usage(
             "--compress needs --stream xbstream, --target-dir or --to: tar needs each file's size before its bytes, \
@@ -141,6 +150,12 @@ pub fn run(args: BackupArgs) -> Result<()> {
         }
     );
     let destination = match (&args.target_dir, &args.to, &args.via_ssh) {
+        _ if args.repo.is_some() => {
+            let url = args.repo.as_deref().unwrap_or_default();
+            let options = crate::server::credentials::option_values(&args.conn)?;
+            let repo = crate::repo::Repo::open(url, args.key_file.as_deref(), &options)?;
+            Destination::Repo(Box::new(RepoSink::start(repo, source)?))
+        }
         (Some(dir), _, _) => Destination::Dir(DirSink::create(dir)?),
         (None, Some(to), _) => Destination::Net(
             Box::new(NetSink::connect(
@@ -197,7 +212,22 @@ pub fn run(args: BackupArgs) -> Result<()> {
             });
         }
     };
+    let mut repository = None;
     let (network, destination_name) = match destination {
+        Destination::Repo(repo) => {
+            let figures = repo.figures();
+            info!(
+                "Snapshot {} committed: {} files ({}) reused from the repository, {} files ({}) uploaded",
+                figures.snapshot,
+                figures.files_reused,
+                human(figures.bytes_reused),
+                figures.files_new,
+                human(figures.bytes_new)
+            );
+            println!("{}", figures.snapshot);
+            repository = Some(figures);
+            (None, args.repo.clone().unwrap_or_default())
+        }
         Destination::Net(net, remote) => {
             let name = format!("receiver {}:{}", net.url().host, net.url().port);
             let figures = net.figures();
@@ -246,6 +276,7 @@ pub fn run(args: BackupArgs) -> Result<()> {
             summary: &summary,
             destination: destination_name,
             network,
+            repository,
             duration_secs: secs,
             bytes_per_sec: summary.bytes as f64 / secs.max(1e-3),
         };

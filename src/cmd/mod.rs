@@ -5,11 +5,14 @@ mod backup;
 mod extract;
 mod info;
 mod receive;
+mod repo;
 mod stdio;
 mod verify;
 
+pub use info::Summary;
+
 use crate::cancel::Cancel;
-use crate::cli::Command;
+use crate::cli::{Command, RepoCommand};
 use crate::error::{IoContext, Result};
 use crate::restore::{self, Mode};
 
@@ -24,6 +27,11 @@ pub fn run(command: Command) -> Result<()> {
         Command::Info(args) => info::run(args),
         Command::Receive(args) => receive::run(args),
         Command::Clone(args) => backup::run(args.into_backup()),
+        Command::Repo(RepoCommand::Init(args)) => repo::init(args),
+        Command::Snapshots(args) => repo::snapshots(args),
+        Command::Restore(args) => repo::restore(args),
+        Command::Forget(args) => repo::forget(args),
+        Command::Prune(args) => repo::prune(&args),
     }
 }
 

@@ -26,6 +26,13 @@ struct Outcome {
 }
 
 pub fn run(args: VerifyArgs) -> Result<()> {
+    if let Some(repo) = &args.repo {
+        let repo = crate::cli::RepoArgs {
+            repo: repo.clone(),
+            key_file: args.key_file.clone(),
+        };
+        return super::repo::verify(&repo, args.snapshot.as_deref(), args.read_data, args.json);
+    }
     let cancel = super::on_signals()?;
     let outcome = match (&args.dir, &args.stream) {
         (_, Some(stream)) => verify_stream(stream)?,

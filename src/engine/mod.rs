@@ -30,6 +30,7 @@
 mod aside;
 mod checkpoint;
 mod datadir;
+pub mod sst;
 mod wal;
 
 use std::collections::{HashMap, HashSet};

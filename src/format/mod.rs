@@ -56,6 +56,9 @@ pub struct FileMeta {
     pub gid: u32,
     /// What the file is: sinks decide by kind, never by name (only SSTs are immutable).
     pub kind: manifest::Kind,
+    /// RocksDB's identity of an SST and its size (db id, session id, file number, size),
+    /// when the sink dedups SSTs and the file's properties hold it.
+    pub identity: Option<String>,
 }
 
 impl FileMeta {
@@ -70,6 +73,7 @@ impl FileMeta {
             uid,
             gid,
             kind: manifest::Kind::Metadata,
+            identity: None,
         }
     }
 }

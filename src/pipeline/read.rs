@@ -70,7 +70,7 @@ fn store_file(
     }
     let size = len.unwrap_or(md.len());
     let compress = ctx.compress.is_some() && compressible(kind);
-    let meta = FileMeta {
+    let mut meta = FileMeta {
         path: stored_name(name, compress),
         size: (!compress).then_some(size),
         mode: md.mode() & 0o7777,
@@ -78,7 +78,20 @@ fn store_file(
         uid: md.uid(),
         gid: md.gid(),
         kind,
+        identity: None,
     };
+    if kind == Kind::Sst && ctx.sink.wants_identity() {
+        match crate::engine::sst::unique_id(&file, size) {
+            Ok(Some(id)) => {
+                meta.identity = Some(format!(
+                    "{} {} {} {size}",
+                    id.db_id, id.db_session_id, id.file_number
+                ))
+            }
+            Ok(None) => {}
+            Err(e) => crate::warn!("{}: no identity read ({e}): stored whole", src.display()),
+        }
+    }
     if let Some(record) = ctx.sink.lookup(&meta, size)? {
         ctx.progress.add(size);
         return Ok(record);

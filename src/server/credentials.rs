@@ -123,6 +123,10 @@ fn login_name() -> String {
 }
 
 /// The merged values of our groups in the option files, later files winning.
+pub fn option_values(args: &ConnectionArgs) -> Result<HashMap<String, String>> {
+    option_file_values(args)
+}
+
 fn option_file_values(args: &ConnectionArgs) -> Result<HashMap<String, String>> {
     let mut values = HashMap::new();
     if args.no_defaults {

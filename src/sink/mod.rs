@@ -8,6 +8,7 @@
 
 pub mod dir;
 pub mod net;
+pub mod repo;
 pub mod stream;
 
 use crate::error::{Error, Result};
@@ -32,6 +33,12 @@ pub trait Sink: Sync {
     /// the SSTs of an interrupted transfer, a repository those of earlier backups.
     fn lookup(&self, _meta: &FileMeta, _size: u64) -> Result<Option<FileRecord>> {
         Ok(None)
+    }
+
+    /// True when the sink dedups SSTs by identity: the reader then reads each SST's
+    /// identity from its properties into [`FileMeta::identity`] before the lookup.
+    fn wants_identity(&self) -> bool {
+        false
     }
 
     /// Starts a file. Its chunks follow through the returned handle.

@@ -1,0 +1,491 @@
+//! A backup into a repository (see `repo`): SSTs the repository already holds are not
+//! read at all; the others are uploaded, each as one object named by its identity, while
+//! everything else is bundled into packs of this snapshot. The snapshot object, written
+//! last, is the commit. A lock object, refreshed while the backup runs, keeps a concurrent
+//! prune away from what the backup uses.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
+use serde::Serialize;
+
+use super::{Chunk, Sink, SinkFile};
+use crate::error::{Error, Result};
+use crate::format::layout::ZSTD_SUFFIX;
+use crate::format::manifest::{FileRecord, Kind, Manifest};
+use crate::format::FileMeta;
+use crate::log::unix_now;
+use crate::repo::crypto::{self, Sealer};
+use crate::repo::store::{Listed, Upload};
+use crate::repo::{
+    Lock, Place, Repo, Snapshot, DATA, LOCKS, LOCK_REFRESH, LOCK_STALE, PACKS, SNAPSHOTS,
+};
+use crate::{info, warn};
+
+/// A pack is uploaded once it holds this many bytes.
+const PACK_TARGET: usize = 32 << 20;
+
+/// What a backup into a repository did, for `--report`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Figures {
+    pub snapshot: String,
+    /// Files (SSTs) found in the repository and not read.
+    pub files_reused: u64,
+    pub bytes_reused: u64,
+    /// Files and bytes (sealed) uploaded.
+    pub files_new: u64,
+    pub bytes_new: u64,
+}
+
+struct Pack {
+    name: String,
+    data: Vec<u8>,
+}
+
+pub struct RepoSink {
+    repo: Arc<Repo>,
+    id: String,
+    lock: String,
+    source: String,
+    started: i64,
+    /// SST objects by name stem, without those of trash lists this backup saw.
+    held: HashMap<String, Vec<Listed>>,
+    /// Records of SST objects the source's previous snapshot used.
+    known: HashMap<String, FileRecord>,
+    places: Mutex<BTreeMap<String, Place>>,
+    reused: Mutex<Vec<String>>,
+    pack: Mutex<Pack>,
+    packs: AtomicU64,
+    figures: Mutex<Figures>,
+    /// When the lock was last refreshed (seconds since the epoch).
+    refreshed: Arc<AtomicI64>,
+    refresher: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+}
+
+impl RepoSink {
+    /// Takes the lock, then learns what the repository holds.
+    pub fn start(repo: Repo, source: String) -> Result<RepoSink> {
+        let repo = Arc::new(repo);
+        let id = crate::net::tls::random_hex(6)?;
+        let lock = format!("{LOCKS}{id}");
+        let started = unix_now();
+        let mut state = Lock {
+            host: crate::sys::hostname(),
+            started,
+            refreshed: started,
+            seen_trash: Vec::new(),
+        };
+        // The lock first, then the trash lists: a prune that does not see this lock wrote
+        // its list before this backup read them.
+        repo.put_json(&lock, &state, true)?;
+        let trash = repo.trash()?;
+        state.seen_trash = trash.keys().cloned().collect();
+        repo.put_json(&lock, &state, false)?;
+        let trashed: HashSet<&String> = trash.values().flat_map(|t| &t.objects).collect();
+        let mut held: HashMap<String, Vec<Listed>> = HashMap::new();
+        for listed in repo.store().list(DATA)? {
+            if trashed.contains(&listed.name) {
+                continue;
+            }
+            if let Some((stem, _)) = listed.name.rsplit_once('.') {
+                held.entry(stem.to_string()).or_default().push(listed);
+            }
+        }
+        // The records of what this server's last backup stored: most SSTs of this one.
+        let mut known = HashMap::new();
+        let previous = repo.snapshots()?.into_iter().rfind(|s| s.source == source);
+        if let Some(previous) = previous {
+            let manifest = previous.manifest()?;
+            for record in manifest.files {
+                if let Some(place) = previous.places.get(&record.path) {
+                    if place.object.starts_with(DATA) {
+                        known.insert(place.object.clone(), record);
+                    }
+                }
+            }
+        }
+        info!(
+            "Repository {}: {} SST objects held; snapshot {id} started",
+            repo.url,
+            held.values().map(Vec::len).sum::<usize>()
+        );
+        let refreshed = Arc::new(AtomicI64::new(started));
+        let refresher = spawn_refresher(repo.clone(), lock.clone(), state, refreshed.clone());
+        Ok(RepoSink {
+            pack: Mutex::new(Pack {
+                name: format!("{PACKS}{id}-0"),
+                data: Vec::new(),
+            }),
+            repo,
+            lock,
+            source,
+            started,
+            held,
+            known,
+            places: Mutex::new(BTreeMap::new()),
+            reused: Mutex::new(Vec::new()),
+            packs: AtomicU64::new(1),
+            figures: Mutex::new(Figures {
+                snapshot: id.clone(),
+                ..Figures::default()
+            }),
+            id,
+            refreshed,
+            refresher: Mutex::new(Some(refresher)),
+        })
+    }
+
+    pub fn figures(&self) -> Figures {
+        self.figures.lock().expect("not poisoned").clone()
+    }
+
+    /// Uploads the current pack if it holds anything (or is full, with `full_only`).
+    fn flush_pack(&self, full_only: bool) -> Result<()> {
+        let pack = {
+            let mut pack = self.pack.lock().expect("not poisoned");
+            if pack.data.is_empty() || (full_only && pack.data.len() < PACK_TARGET) {
+                return Ok(());
+            }
+            let next = format!(
+                "{PACKS}{}-{}",
+                self.id,
+                self.packs.fetch_add(1, Ordering::Relaxed)
+            );
+            std::mem::replace(
+                &mut *pack,
+                Pack {
+                    name: next,
+                    data: Vec::new(),
+                },
+            )
+        };
+        self.repo.store().put(&pack.name, pack.data, true)?;
+        Ok(())
+    }
+
+    fn stop_refresher(&self) {
+        if let Some((stop, thread)) = self.refresher.lock().expect("not poisoned").take() {
+            drop(stop);
+            let _ = thread.join();
+        }
+    }
+
+    fn placed(&self, record: &FileRecord, place: Place, new_bytes: Option<u64>) {
+        self.places
+            .lock()
+            .expect("not poisoned")
+            .insert(record.path.clone(), place);
+        let mut f = self.figures.lock().expect("not poisoned");
+        match new_bytes {
+            Some(bytes) => {
+                f.files_new += 1;
+                f.bytes_new += bytes;
+            }
+            None => {
+                f.files_reused += 1;
+                f.bytes_reused += record.original_size();
+            }
+        }
+    }
+}
+
+fn spawn_refresher(
+    repo: Arc<Repo>,
+    name: String,
+    mut state: Lock,
+    refreshed: Arc<AtomicI64>,
+) -> (Sender<()>, JoinHandle<()>) {
+    let (stop, stopped) = bounded::<()>(0);
+    let thread = std::thread::spawn(move || loop {
+        match stopped.recv_timeout(LOCK_REFRESH) {
+            Err(RecvTimeoutError::Timeout) => {
+                state.refreshed = unix_now();
+                match repo.put_json(&name, &state, false) {
+                    Ok(_) => refreshed.store(state.refreshed, Ordering::Relaxed),
+                    Err(e) => warn!("cannot refresh the backup's lock {name}: {e}"),
+                }
+            }
+            _ => return,
+        }
+    });
+    (stop, thread)
+}
+
+/// The name a reused file has in this backup: its own, with the suffix of how it is stored.
+fn renamed(stored: &FileRecord, meta: &FileMeta) -> FileRecord {
+    let base = meta.path.strip_suffix(ZSTD_SUFFIX).unwrap_or(&meta.path);
+    let mut record = stored.clone();
+    record.kind = meta.kind;
+    match &mut record.original {
+        Some(original) => {
+            original.path = base.to_string();
+            record.path = format!("{base}{ZSTD_SUFFIX}");
+        }
+        None => record.path = base.to_string(),
+    }
+    record
+}
+
+impl Sink for RepoSink {
+    fn max_in_flight(&self) -> usize {
+        usize::MAX
+    }
+
+    fn wants_identity(&self) -> bool {
+        true
+    }
+
+    fn lookup(&self, meta: &FileMeta, size: u64) -> Result<Option<FileRecord>> {
+        let Some(identity) = &meta.identity else {
+            return Ok(None);
+        };
+        let stem = self.repo.sst_stem(identity);
+        for listed in self.held.get(&stem).into_iter().flatten() {
+            let found = match self.known.get(&listed.name) {
+                Some(record) => Some((
+                    record.clone(),
+                    Place {
+                        object: listed.name.clone(),
+                        offset: 0,
+                        len: 0,
+                    },
+                )),
+                None => self.repo.sst_record(&listed.name, listed.size)?,
+            };
+            let Some((stored, mut place)) = found else {
+                continue;
+            };
+            if stored.original_size() != size {
+                continue;
+            }
+            if place.len == 0 {
+                place.len = self
+                    .repo
+                    .sst_record(&listed.name, listed.size)?
+                    .map_or(0, |(_, p)| p.len);
+                if place.len == 0 {
+                    continue;
+                }
+            }
+            let record = renamed(&stored, meta);
+            self.reused
+                .lock()
+                .expect("not poisoned")
+                .push(listed.name.clone());
+            self.placed(&record, place, None);
+            return Ok(Some(record));
+        }
+        Ok(None)
+    }
+
+    fn open(&self, meta: &FileMeta) -> Result<Box<dyn SinkFile + '_>> {
+        let mut head = Vec::new();
+        let sealer = Sealer::new(self.repo.key(), &mut head)?;
+        match (&meta.identity, meta.kind) {
+            (Some(identity), Kind::Sst) => {
+                let object = format!(
+                    "{}.{}",
+                    self.repo.sst_stem(identity),
+                    crate::net::tls::random_hex(4)?
+                );
+                let mut upload = self.repo.store().upload(&object)?;
+                let sent = head.len() as u64;
+                upload.write(head)?;
+                Ok(Box::new(SstFile {
+                    sink: self,
+                    object,
+                    upload: Some(upload),
+                    sealer: Some(sealer),
+                    sent,
+                }))
+            }
+            _ => Ok(Box::new(PackedFile {
+                sink: self,
+                sealer: Some(sealer),
+                data: head,
+            })),
+        }
+    }
+
+    fn commit(&self, manifest: &[u8]) -> Result<()> {
+        self.flush_pack(false)?;
+        let since = unix_now() - self.refreshed.load(Ordering::Relaxed);
+        if since > (LOCK_STALE.as_secs() / 2) as i64 {
+            return Err(Error::Store(format!(
+                "the backup's lock could not be refreshed for {since} s: a prune may have taken its objects; no snapshot was written"
+            )));
+        }
+        // Every object this backup reuses is still there (a prune that ignored the lock,
+        // a hand that deleted objects, would otherwise leave a snapshot that cannot restore).
+        let reused = self.reused.lock().expect("not poisoned").clone();
+        if !reused.is_empty() {
+            let present: HashSet<String> = self
+                .repo
+                .store()
+                .list(DATA)?
+                .into_iter()
+                .map(|l| l.name)
+                .collect();
+            if let Some(gone) = reused.iter().find(|o| !present.contains(*o)) {
+                return Err(Error::Store(format!(
+                    "{gone}, which this backup reuses, was deleted meanwhile; no snapshot was written: run the backup again"
+                )));
+            }
+        }
+        let parsed: Manifest<serde_json::Value> = Manifest::parse(manifest)?;
+        let places = std::mem::take(&mut *self.places.lock().expect("not poisoned"));
+        if let Some(missing) = parsed.files.iter().find(|r| !places.contains_key(&r.path)) {
+            return Err(Error::Store(format!(
+                "{} of the manifest was never stored",
+                missing.path
+            )));
+        }
+        let summary = crate::cmd::Summary::of(&parsed);
+        let figures = self.figures();
+        let snapshot = Snapshot {
+            id: self.id.clone(),
+            host: summary
+                .server_host
+                .clone()
+                .unwrap_or_else(crate::sys::hostname),
+            source: self.source.clone(),
+            time: summary.finished.unwrap_or(self.started),
+            gtid: summary.gtid_binlog_pos.clone(),
+            binlog: summary
+                .binlog_file
+                .as_ref()
+                .map(|f| format!("{f}:{}", summary.binlog_position.unwrap_or(0))),
+            bytes_total: summary.bytes,
+            bytes_new: figures.bytes_new,
+            files_total: parsed.files.len() as u64,
+            files_new: figures.files_new,
+            places,
+            manifest: String::from_utf8_lossy(manifest).into_owned(),
+        };
+        if !self
+            .repo
+            .put_json(&format!("{SNAPSHOTS}{}", self.id), &snapshot, true)?
+        {
+            return Err(Error::Store(format!(
+                "a snapshot {} already exists in {}",
+                self.id, self.repo.url
+            )));
+        }
+        self.stop_refresher();
+        if let Err(e) = self.repo.store().delete(&self.lock) {
+            warn!("cannot remove the backup's lock {}: {e}", self.lock);
+        }
+        Ok(())
+    }
+
+    fn abort(&self) -> Option<Error> {
+        self.stop_refresher();
+        if let Err(e) = self.repo.store().delete(&self.lock) {
+            warn!("cannot remove the backup's lock {}: {e}", self.lock);
+        }
+        None
+    }
+}
+
+impl Drop for RepoSink {
+    fn drop(&mut self) {
+        self.stop_refresher();
+    }
+}
+
+/// An SST, uploaded as it is read.
+struct SstFile<'a> {
+    sink: &'a RepoSink,
+    object: String,
+    upload: Option<Box<dyn Upload>>,
+    sealer: Option<Sealer>,
+    /// Sealed bytes written so far.
+    sent: u64,
+}
+
+impl SinkFile for SstFile<'_> {
+    fn write(&mut self, chunk: Chunk) -> Result<()> {
+        let mut out = Vec::with_capacity(chunk.data.len() + 64);
+        self.sealer
+            .as_mut()
+            .expect("open until finished")
+            .push(&chunk.data, &mut out);
+        self.sent += out.len() as u64;
+        self.upload
+            .as_mut()
+            .expect("open until finished")
+            .write(out)
+    }
+
+    fn finish(mut self: Box<Self>, record: &FileRecord) -> Result<()> {
+        let mut out = Vec::new();
+        self.sealer.take().expect("finished once").finish(&mut out);
+        let data_len = self.sent + out.len() as u64;
+        let trailer = crypto::seal(
+            self.sink.repo.key(),
+            &serde_json::to_vec(record).expect("serialisable"),
+        )?;
+        out.extend_from_slice(&trailer);
+        out.extend_from_slice(&(trailer.len() as u32).to_le_bytes());
+        let total = data_len + trailer.len() as u64 + 4;
+        let mut upload = self.upload.take().expect("finished once");
+        upload.write(out)?;
+        upload.finish()?;
+        let place = Place {
+            object: self.object.clone(),
+            offset: 0,
+            len: data_len,
+        };
+        self.sink.placed(record, place, Some(total));
+        Ok(())
+    }
+}
+
+impl Drop for SstFile<'_> {
+    fn drop(&mut self) {
+        if let Some(upload) = self.upload.take() {
+            upload.abort();
+        }
+    }
+}
+
+/// A file bundled into the snapshot's packs: sealed in memory, then appended.
+struct PackedFile<'a> {
+    sink: &'a RepoSink,
+    sealer: Option<Sealer>,
+    data: Vec<u8>,
+}
+
+impl SinkFile for PackedFile<'_> {
+    fn write(&mut self, chunk: Chunk) -> Result<()> {
+        self.sealer
+            .as_mut()
+            .expect("open until finished")
+            .push(&chunk.data, &mut self.data);
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>, record: &FileRecord) -> Result<()> {
+        self.sealer
+            .take()
+            .expect("finished once")
+            .finish(&mut self.data);
+        let len = self.data.len() as u64;
+        let place = {
+            let mut pack = self.sink.pack.lock().expect("not poisoned");
+            let place = Place {
+                object: pack.name.clone(),
+                offset: pack.data.len() as u64,
+                len,
+            };
+            pack.data.extend_from_slice(&self.data);
+            place
+        };
+        self.sink.placed(record, place, Some(len));
+        // The bytes are held until the pack is stored; a failure then fails the commit.
+        self.sink.flush_pack(true)
+    }
+}
