@@ -4,6 +4,7 @@
 //! panics). Missing server binaries are a loud failure naming the install command.
 
 pub mod net;
+pub mod s3;
 pub mod workload;
 pub mod zoo;
 

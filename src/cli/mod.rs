@@ -284,7 +284,7 @@ pub struct BackupArgs {
     pub parallel: Option<u16>,
     /// Compress every file with zstd (level 1 to 22, or negative for speed; default 3); files
     /// get a .zst suffix.
-    /// Needs --target-dir, --to or --stream xbstream
+    /// Needs --target-dir, --to, --repo (where it is the default) or --stream xbstream
     #[arg(long, value_name = "zstd[:LEVEL]", num_args = 0..=1, default_missing_value = "zstd")]
     pub compress: Option<Compression>,
     /// Compression workers [default: the number of CPUs]

@@ -15,6 +15,7 @@ use crate::format::{Encoder, Format};
 use crate::log::human;
 use crate::net::ssh::RemoteReceiver;
 use crate::net::Url;
+use crate::pipeline::compress::Compression;
 use crate::pipeline::progress::{Bar, Lines, Progress, Quiet};
 use crate::pipeline::{Options, Pipeline};
 use crate::sink::dir::DirSink;
@@ -125,16 +126,23 @@ pub fn run(args: BackupArgs) -> Result<()> {
     }
     let cancel = super::on_signals()?;
     crate::sys::explain_sigbus().context(|| "cannot install a SIGBUS handler".into())?;
+    // A repository keeps backups for months: its files are compressed unless told otherwise
+    // (zstd gives up quickly on what does not compress, like already compressed SSTs).
+    let compression = args.compress.or_else(|| {
+        args.repo.as_ref().map(|_| Compression {
+            level: Compression::DEFAULT_LEVEL,
+        })
+    });
     let compress_threads = args.compress_threads.map_or(super::cpus(), usize::from);
     let mut parallel = args.parallel.map_or(super::cpus().clamp(2, 8), usize::from);
-    if args.compress.is_some() && args.parallel.is_none() {
+    if compression.is_some() && args.parallel.is_none() {
         // Small files are one chunk each: enough of them in flight to keep every
         // compression worker busy.
         parallel = parallel.max(2 * compress_threads);
     }
     let options = Options {
         parallel,
-        compression: args.compress,
+        compression,
         compress_threads,
         bytes_per_sec: args.avg_mbytes_per_sec.map(|m| m << 20),
     };
