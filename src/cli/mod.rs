@@ -135,7 +135,7 @@ pub struct RepoInitArgs {
 pub struct SnapshotsArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// Only this host's snapshots
+    /// Only the snapshots of this host (or source)
     #[arg(long, value_name = "HOST")]
     pub host: Option<String>,
     /// Print as JSON on stdout
@@ -181,7 +181,7 @@ pub struct RepoRestoreArgs {
 pub struct ForgetArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// Keep the newest N snapshots (of each host)
+    /// Keep the newest N snapshots (of each server backed up)
     #[arg(long, value_name = "N")]
     pub keep_last: Option<usize>,
     /// Keep the newest snapshot of each of the last N days that have one
@@ -193,7 +193,8 @@ pub struct ForgetArgs {
     /// Keep the newest snapshot of each of the last N months that have one
     #[arg(long, value_name = "N")]
     pub keep_monthly: Option<usize>,
-    /// Only this host's snapshots [default: every host, each by the policy]
+    /// Only the snapshots of this host (or of this source, as `snapshots --json` shows it)
+    /// [default: every server, each by the policy]
     #[arg(long, value_name = "HOST")]
     pub host: Option<String>,
     /// Prune afterwards

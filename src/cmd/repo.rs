@@ -79,7 +79,11 @@ pub fn snapshots(args: SnapshotsArgs) -> Result<()> {
     let all: Vec<Snapshot> = repo
         .snapshots()?
         .into_iter()
-        .filter(|s| args.host.as_ref().is_none_or(|h| &s.host == h))
+        .filter(|s| {
+            args.host
+                .as_ref()
+                .is_none_or(|h| &s.host == h || &s.source == h)
+        })
         .collect();
     let listed: Vec<Listed> = all
         .iter()
@@ -484,10 +488,15 @@ pub fn forget(args: ForgetArgs) -> Result<()> {
         ));
     }
     let repo = open(&args.repo)?;
+    // The policy applies to each server apart: a host may run several.
     let mut by_host: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
     for s in repo.snapshots()? {
-        if args.host.as_ref().is_none_or(|h| &s.host == h) {
-            by_host.entry(s.host).or_default().push((s.id, s.time));
+        if args
+            .host
+            .as_ref()
+            .is_none_or(|h| &s.host == h || &s.source == h)
+        {
+            by_host.entry(s.source).or_default().push((s.id, s.time));
         }
     }
     let mut removed = 0;

@@ -12,6 +12,7 @@ mod failures;
 mod network;
 mod properties;
 mod replica;
+mod repository;
 mod safety;
 mod sandbox_harness;
 mod zoo;
