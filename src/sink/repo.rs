@@ -53,8 +53,8 @@ pub struct RepoSink {
     started: i64,
     /// SST objects by name stem, without those of trash lists this backup saw.
     held: HashMap<String, Vec<Listed>>,
-    /// Records of SST objects the source's previous snapshot used.
-    known: HashMap<String, FileRecord>,
+    /// Records and places of the SST objects the source's previous snapshot used.
+    known: HashMap<String, (FileRecord, Place)>,
     places: Mutex<BTreeMap<String, Place>>,
     reused: Mutex<Vec<String>>,
     pack: Mutex<Pack>,
@@ -102,7 +102,7 @@ impl RepoSink {
             for record in manifest.files {
                 if let Some(place) = previous.places.get(&record.path) {
                     if place.object.starts_with(DATA) {
-                        known.insert(place.object.clone(), record);
+                        known.insert(place.object.clone(), (record, place.clone()));
                     }
                 }
             }
@@ -245,30 +245,14 @@ impl Sink for RepoSink {
         let stem = self.repo.sst_stem(identity);
         for listed in self.held.get(&stem).into_iter().flatten() {
             let found = match self.known.get(&listed.name) {
-                Some(record) => Some((
-                    record.clone(),
-                    Place {
-                        object: listed.name.clone(),
-                        offset: 0,
-                        len: 0,
-                    },
-                )),
+                Some(known) => Some(known.clone()),
                 None => self.repo.sst_record(&listed.name, listed.size)?,
             };
-            let Some((stored, mut place)) = found else {
+            let Some((stored, place)) = found else {
                 continue;
             };
             if stored.original_size() != size {
                 continue;
-            }
-            if place.len == 0 {
-                place.len = self
-                    .repo
-                    .sst_record(&listed.name, listed.size)?
-                    .map_or(0, |(_, p)| p.len);
-                if place.len == 0 {
-                    continue;
-                }
             }
             let record = renamed(&stored, meta);
             self.reused
