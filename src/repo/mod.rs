@@ -262,14 +262,24 @@ impl Repo {
 
     /// The stem of the object name of an SST with this identity (which holds its size).
     pub fn sst_stem(&self, identity: &str) -> String {
-        let text = format!("sst {identity}");
-        let name = match &self.key {
-            Some(k) => k.name(&text),
+        let name = self.name(&format!("sst {identity}"));
+        format!("{DATA}{}/{name}", &name[..2])
+    }
+
+    /// A name derived from `text`: an HMAC under the key, or a SHA-256 unencrypted.
+    fn name(&self, text: &str) -> String {
+        match &self.key {
+            Some(k) => k.name(text),
             None => crate::net::tls::hex(
                 ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref(),
             ),
-        };
-        format!("{DATA}{}/{name}", &name[..2])
+        }
+    }
+
+    /// Four hex digits that tell apart the servers backed up (the start of their snapshots'
+    /// ids), revealing nothing without the key.
+    pub fn source_tag(&self, source: &str) -> String {
+        self.name(&format!("source {source}"))[..4].to_string()
     }
 
     /// Seals and stores a small object.

@@ -69,7 +69,10 @@ impl RepoSink {
     /// Takes the lock, then learns what the repository holds.
     pub fn start(repo: Repo, source: String) -> Result<RepoSink> {
         let repo = Arc::new(repo);
-        let id = crate::net::tls::random_hex(6)?;
+        // The id starts with a tag of the server backed up, so that the next backup finds
+        // this one's records by listing names, without reading every snapshot.
+        let tag = repo.source_tag(&source);
+        let id = format!("{tag}{}", crate::net::tls::random_hex(4)?);
         let lock = format!("{LOCKS}{id}");
         let started = unix_now();
         let mut state = Lock {
@@ -96,7 +99,18 @@ impl RepoSink {
         }
         // The records of what this server's last backup stored: most SSTs of this one.
         let mut known = HashMap::new();
-        let previous = repo.snapshots()?.into_iter().rfind(|s| s.source == source);
+        let newest = repo
+            .store()
+            .list(SNAPSHOTS)?
+            .into_iter()
+            .filter(|l| l.name[SNAPSHOTS.len()..].starts_with(&tag))
+            .max_by_key(|l| l.modified);
+        let previous = match newest {
+            Some(l) => repo
+                .get_json::<Snapshot>(&l.name)?
+                .filter(|s| s.source == source),
+            None => None,
+        };
         if let Some(previous) = previous {
             let manifest = previous.manifest()?;
             for record in manifest.files {
