@@ -150,6 +150,9 @@ pub struct RepoRestoreArgs {
     /// The snapshot to restore: its id (a unique prefix will do) or `latest`
     #[arg(long, value_name = "ID|latest", default_value = "latest")]
     pub snapshot: String,
+    /// Of this host (or source) only: `--snapshot latest --host db7` in a fleet's repository
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
     /// Target datadir: must be empty or absent
     #[arg(short = 'd', long, value_name = "DIR")]
     pub datadir: PathBuf,

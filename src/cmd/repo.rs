@@ -223,7 +223,7 @@ fn each_file(
 pub fn restore(args: RepoRestoreArgs) -> Result<()> {
     let cancel = super::on_signals()?;
     let repo = open(&args.repo)?;
-    let snapshot = repo.snapshot(&args.snapshot)?;
+    let snapshot = repo.snapshot(&args.snapshot, args.host.as_deref())?;
     for dir in [
         Some(&args.datadir),
         args.rocksdb_datadir.as_ref(),
@@ -336,7 +336,7 @@ pub fn verify(args: &RepoArgs, snapshot: Option<&str>, read_data: bool, json: bo
     let cancel = super::on_signals()?;
     let repo = open(args)?;
     let snapshots = match snapshot {
-        Some(id) => vec![repo.snapshot(id)?],
+        Some(id) => vec![repo.snapshot(id, None)?],
         None => repo.snapshots()?,
     };
     let mut sizes: HashMap<String, u64> = HashMap::new();

@@ -327,16 +327,24 @@ impl Repo {
         Ok(out)
     }
 
-    /// The snapshot `id` (a unique prefix will do), or the newest for `latest`.
-    pub fn snapshot(&self, id: &str) -> Result<Snapshot> {
-        let all = self.snapshots()?;
+    /// The snapshot `id` (a unique prefix will do), or the newest for `latest`; of `host`
+    /// (a host or a source) only, when given.
+    pub fn snapshot(&self, id: &str, host: Option<&str>) -> Result<Snapshot> {
+        let all = self
+            .snapshots()?
+            .into_iter()
+            .filter(|s| host.is_none_or(|h| s.host == h || s.source == h));
         let found: Vec<Snapshot> = match id {
-            "latest" => all.into_iter().last().into_iter().collect(),
-            _ => all.into_iter().filter(|s| s.id.starts_with(id)).collect(),
+            "latest" => all.last().into_iter().collect(),
+            _ => all.filter(|s| s.id.starts_with(id)).collect(),
         };
+        let of = host.map(|h| format!(" of {h}")).unwrap_or_default();
         match found.len() {
             1 => Ok(found.into_iter().next().expect("one")),
-            0 => Err(Error::Refused(format!("no snapshot {id} in {}", self.url))),
+            0 => Err(Error::Refused(format!(
+                "no snapshot {id}{of} in {}",
+                self.url
+            ))),
             _ => Err(Error::Usage(format!(
                 "{id} names several snapshots: give more of the id"
             ))),

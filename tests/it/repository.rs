@@ -97,15 +97,15 @@ impl Repo {
             .clone()
     }
 
-    /// Restores a snapshot, starts a server on it and checks it replicates from its GTID.
-    fn restore_and_replicate(&self, id: &str, datadir: &Path, source: &Server) {
-        self.ok(&[
-            "restore",
-            "--snapshot",
-            id,
-            "--datadir",
-            datadir.to_str().unwrap(),
-        ]);
+    /// Restores snapshot `id` (chosen by `select`, `--snapshot ID` when empty), starts a
+    /// server on it and checks it replicates from its GTID.
+    fn restore_and_replicate(&self, id: &str, select: &[&str], datadir: &Path, source: &Server) {
+        let mut args = vec!["restore", "--datadir", datadir.to_str().unwrap()];
+        match select.is_empty() {
+            true => args.extend(["--snapshot", id]),
+            false => args.extend(select),
+        }
+        self.ok(&args);
         let gtid = self
             .snapshots()
             .into_iter()
@@ -202,7 +202,7 @@ fn incremental_forever_into_s3_under_load_restores_both_snapshots() {
     std::thread::sleep(Duration::from_millis(300));
     load.stop();
     for (id, name) in [(&first, "first"), (&second, "second")] {
-        repo.restore_and_replicate(id, &tmp.path().join(name), &source);
+        repo.restore_and_replicate(id, &[], &tmp.path().join(name), &source);
     }
     // Nothing of the staging left beside the datadirs.
     let left: Vec<String> = fs::read_dir(tmp.path())
@@ -274,8 +274,27 @@ fn two_servers_back_up_at_once_and_a_prune_during_a_backup_keeps_every_snapshot_
     let left = repo.snapshots();
     assert_eq!(left.len(), 3, "{left:?}");
     repo.ok(&["verify", "--read-data"]);
-    repo.restore_and_replicate(&a2, &tmp.path().join("a2"), &a);
-    repo.restore_and_replicate(&b2, &tmp.path().join("b2"), &b);
+    let nowhere = tmp.path().join("nowhere");
+    let out = repo.run(&[
+        "restore",
+        "--host",
+        "nowhere",
+        "--datadir",
+        nowhere.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no snapshot latest of nowhere"),
+        "{}",
+        stderr(&out)
+    );
+    repo.restore_and_replicate(&a2, &[], &tmp.path().join("a2"), &a);
+    let b_source = left.iter().find(|s| s["id"] == b2.as_str()).unwrap()["source"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let latest_of_b = ["--snapshot", "latest", "--host", &b_source];
+    repo.restore_and_replicate(&b2, &latest_of_b, &tmp.path().join("b2"), &b);
 }
 
 /// Waits until the backup stored at least one SST in the repository, then kills it.
