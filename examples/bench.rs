@@ -9,7 +9,9 @@
 //! directory backups, verify, compression, restore; then the throttle's accuracy, the page
 //! cache left to the server, backups over a long, slow network path (large files only: ours
 //! against `tar | nc` and `tar | ssh`, and the throttle over it), and the commit stall
-//! against the number of SSTs. `--only network` runs the network section alone.
+//! against the number of SSTs; last, backups into a repository in S3 (SeaweedFS) against
+//! `rclone copy` of the same files. `--only network` and `--only repository` run one of those
+//! sections alone.
 //!
 //! `bench --sendfile` is the zero-copy limit itself: it sends the NUL-separated files named
 //! on stdin to stdout with `sendfile`, through a pipe enlarged to 1 MiB.
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
 use sandbox::net::{self, Sshd};
+use sandbox::s3::S3;
 use sandbox::workload::StallProbe;
 use sandbox::{binary, built_binary, Server};
 
@@ -34,8 +37,12 @@ struct Options {
     output: PathBuf,
     /// `--only network`: that section alone (on the large files), for its development.
     only_network: bool,
+    /// `--only repository`: that section alone (on its own data), for its development.
+    only_repository: bool,
     /// `--net-mbit N`: the network section's rate, for its development.
     net_mbit: u32,
+    /// `--dailies N`: the backups in the repository section's week (the full one included).
+    dailies: usize,
 }
 
 fn options() -> Options {
@@ -44,7 +51,9 @@ fn options() -> Options {
         runs: 3,
         output: PathBuf::from("docs/BENCHMARKS.md"),
         only_network: false,
+        only_repository: false,
         net_mbit: NET_MBIT,
+        dailies: REPO_DAILIES,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -62,14 +71,19 @@ fn options() -> Options {
             }
             "--runs" => o.runs = value().parse().expect("--runs takes a whole number"),
             "--output" => o.output = PathBuf::from(value()),
-            "--only" => {
-                let section = value();
-                assert!(section == "network", "--only takes: network");
-                o.only_network = true;
-            }
+            "--only" => match value().as_str() {
+                "network" => o.only_network = true,
+                "repository" => o.only_repository = true,
+                other => panic!("--only takes: network, repository (not {other})"),
+            },
             "--net-mbit" => o.net_mbit = value().parse().expect("--net-mbit takes a whole number"),
+            "--dailies" => {
+                o.dailies = value().parse().expect("--dailies takes a whole number");
+                assert!(o.dailies >= 2, "--dailies takes 2 or more");
+            }
             other => panic!(
-                "unknown flag {other}; flags: --scale F --runs N --output FILE --only network --net-mbit N"
+                "unknown flag {other}; flags: --scale F --runs N --output FILE --only network|repository \
+                 --net-mbit N --dailies N"
             ),
         }
     }
@@ -94,8 +108,22 @@ fn measure(script: &str, env_path: &str) -> Sample {
 }
 
 /// [`measure`], with `input` on the script's standard input when given.
-#[allow(clippy::zombie_processes)] // reaped by wait4 below, which also reports its usage
 fn measure_fed(script: &str, env_path: &str, input: Option<&str>) -> Sample {
+    measure_with(script, env_path, input, &[])
+}
+
+/// [`measure`], with these variables added to the script's environment.
+fn measure_env(script: &str, env_path: &str, envs: &[(String, String)]) -> Sample {
+    measure_with(script, env_path, None, envs)
+}
+
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which also reports its usage
+fn measure_with(
+    script: &str,
+    env_path: &str,
+    input: Option<&str>,
+    envs: &[(String, String)],
+) -> Sample {
     let start = Instant::now();
     let mut child = Command::new("bash")
         .arg("-o")
@@ -103,6 +131,7 @@ fn measure_fed(script: &str, env_path: &str, input: Option<&str>) -> Sample {
         .arg("-c")
         .arg(script)
         .env("PATH", env_path)
+        .envs(envs.iter().map(|(k, v)| (k, v)))
         .stdin(match input {
             Some(_) => Stdio::piped(),
             None => Stdio::inherit(),
@@ -1399,6 +1428,437 @@ fn network_section(
     t
 }
 
+/// The repository section's week: this many backups, the full one and the dailies after it.
+const REPO_DAILIES: usize = 7;
+/// The repository section's tables; its data is about 1 GiB × scale in all.
+const REPO_TABLES: u64 = 4;
+
+/// Rows in each of the repository section's tables (1000-byte rows).
+fn repo_rows(scale: f64) -> u64 {
+    ((1u64 << 30) as f64 * scale / 1000.0 / REPO_TABLES as f64).max(100.0) as u64
+}
+
+/// Small SSTs, as a server's are next to its terabytes (8 MiB at scale 1: a hundred or
+/// more), of incompressible rows, compacted and settled: a server long past its load.
+fn repository_data(scale: f64) -> DataSet {
+    let target = ((8u64 << 20) as f64 * scale).max((1u64 << 20) as f64) as u64;
+    let cf = format!(
+        "--rocksdb-default-cf-options=target_file_size_base={target};write_buffer_size={}",
+        4 * target
+    );
+    let server = Server::start_with(&[&cf]);
+    let rows = repo_rows(scale);
+    bulk_load(&server, "repo", REPO_TABLES, rows);
+    server.exec(
+        "SET GLOBAL rocksdb_force_flush_memtable_now = 1; SET GLOBAL rocksdb_compact_cf = 'default'",
+    );
+    settle(&server);
+    finish_dataset(
+        server,
+        "repository",
+        "repo",
+        format!(
+            "{REPO_TABLES} tables of 1000-byte random rows, target_file_size_base {:.1} MiB, compacted",
+            target as f64 / (1 << 20) as f64
+        ),
+    )
+}
+
+/// One day's churn: 1% of the rows, a contiguous run of the first table (recent rows are
+/// the ones that change; each day another run), rewritten, then the memtable flushed and
+/// the compactions it starts waited for.
+fn repo_churn(server: &Server, scale: f64, day: u64) {
+    let rows = repo_rows(scale);
+    let n = (rows * REPO_TABLES / 100).max(1);
+    let first = 1 + (rows / 4 + day * n) % rows;
+    server.exec(&format!(
+        "SET SESSION rocksdb_max_row_locks = 100000000;
+         UPDATE repo.t0 SET pad = RANDOM_BYTES(1000) WHERE id BETWEEN {first} AND {};
+         SET GLOBAL rocksdb_force_flush_memtable_now = 1",
+        first + n - 1
+    ));
+    settle(server);
+}
+
+/// The names of the server's SST files.
+fn sst_names(server: &Server) -> std::collections::BTreeSet<String> {
+    fs::read_dir(server.datadir.join("#rocksdb"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".sst"))
+        .collect()
+}
+
+/// Bytes and number of the files below `dir`.
+fn dir_size(dir: &Path) -> (u64, u64) {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                dir_size(&e.path())
+            } else {
+                (m.len(), 1)
+            }
+        })
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// rclone's remote `sw:` for the S3 sandbox, configured through the environment alone
+/// (rclone runs with `--config /dev/null`: it reads and writes no configuration file).
+fn rclone_env(s3: &S3) -> Vec<(String, String)> {
+    [
+        ("TYPE", "s3"),
+        ("PROVIDER", "SeaweedFS"),
+        ("ENDPOINT", &s3.endpoint),
+        ("ACCESS_KEY_ID", &s3.access_key),
+        ("SECRET_ACCESS_KEY", &s3.secret_key),
+        ("REGION", &s3.region),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("RCLONE_CONFIG_SW_{k}"), v.to_string()))
+    .collect()
+}
+
+/// rclone's last stats (`--use-json-log`): bytes transferred, files transferred, files
+/// checked (found the same, by size and modification time, and skipped).
+fn rclone_stats(log: &str) -> (u64, u64, u64) {
+    log.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| {
+            let s = &v["stats"];
+            Some((
+                s["bytes"].as_u64()?,
+                s["transfers"].as_u64()?,
+                s["checks"].as_u64()?,
+            ))
+        })
+        .unwrap_or_else(|| panic!("no stats in rclone's log:\n{log}"))
+}
+
+/// The download part of our restore, from its log: "Downloaded and checked 1.02 GiB in 9.1 s".
+fn download_secs(log: &str) -> Option<f64> {
+    let rest = log.split("Downloaded and checked ").nth(1)?;
+    rest.split(" in ").nth(1)?.split(' ').next()?.parse().ok()
+}
+
+/// Backups into a repository in S3 (a SeaweedFS sandbox on loopback) against `rclone copy`
+/// of the same files to the same store: a full backup, one after 1% churn, a restore, and
+/// what a week of daily backups stores.
+fn repository_section(
+    tool: &Path,
+    work: &Path,
+    target: &Path,
+    env_path: &str,
+    opts: &Options,
+) -> String {
+    let ds = repository_data(opts.scale);
+    eprintln!("data set {}: {}", ds.name, ds.description);
+    let s3 = S3::start();
+    let mut env = s3.env();
+    env.extend(rclone_env(&s3));
+    let (tool, sock) = (tool.display(), ds.server.socket.display());
+    let log = work.join("repository.log");
+    // Every step starts with the page cache's dirty pages written (the store's too), and a
+    // failed one shows what it said; its standard error is kept in `log`.
+    let run = |script: String| {
+        measure_env("sync", env_path, &[]);
+        measure_env(
+            &format!(
+                "{{ {script}; }} 2>{l} || {{ s=$?; cat {l} >&2; exit $s; }}",
+                l = log.display()
+            ),
+            env_path,
+            &env,
+        )
+    };
+    let said = || fs::read_to_string(&log).unwrap_or_default();
+    // AWS_CA_BUNDLE, where set, breaks rclone's S3 client (its HTTP transport is its own);
+    // the store is plain HTTP on loopback anyway.
+    let rclone =
+        "env -u AWS_CA_BUNDLE rclone --config /dev/null --use-json-log --stats-log-level NOTICE";
+    let remote = |prefix: &str| format!("sw:{}/{prefix}", s3.bucket);
+    let stored = |prefix: &str| -> u64 {
+        let out = Command::new("rclone")
+            .args(["--config", "/dev/null", "size", "--json"])
+            .arg(remote(prefix))
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env_remove("AWS_CA_BUNDLE")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rclone size: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["bytes"].as_u64().unwrap()
+    };
+    // Ours: the run, and the bytes it uploaded.
+    let backup = |repo: &str, key: &Path, name: &str| -> (Sample, u64) {
+        let report = work.join(format!("repository-{name}.json"));
+        let s = run(format!(
+            "{tool} backup --repo {repo} --key-file {} --socket {sock} --user root --report {} > /dev/null",
+            key.display(),
+            report.display()
+        ));
+        let r: serde_json::Value = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
+        (s, r["repository"]["bytes_new"].as_u64().unwrap())
+    };
+    // A directory backup of the server as it is now (untimed): the files rclone copies.
+    let dir_backup = |name: &str| -> PathBuf {
+        let d = target.join(name);
+        run(format!(
+            "{tool} backup --target-dir {} --socket {sock} --user root",
+            d.display()
+        ));
+        d
+    };
+    let runs = opts.runs;
+    let last = runs - 1;
+
+    // 1, 2. Full backups: ours into an empty repository, rclone of the same files to an
+    // empty prefix, alternating; the last run's repository and prefix go on.
+    let d0 = dir_backup("repository-dir-0");
+    let (dir0_bytes, dir0_files) = dir_size(&d0);
+    let (mut ours_full, mut rclone_full) = (vec![], vec![]);
+    let (mut ours_full_bytes, mut rclone_full_bytes) = (0, 0);
+    for r in 0..runs {
+        eprintln!("  repository run {}/{runs}: full backups", r + 1);
+        let key = work.join(format!("repository-key-{r}"));
+        let repo = s3.url(&format!("ours-{r}"));
+        run(format!(
+            "{tool} repo init --repo {repo} --key-file {}",
+            key.display()
+        ));
+        let (s, bytes) = backup(&repo, &key, &format!("full-{r}"));
+        ours_full.push(s);
+        ours_full_bytes = bytes;
+        rclone_full.push(run(format!(
+            "{rclone} copy {} {}",
+            d0.display(),
+            remote(&format!("rclone/full-{r}"))
+        )));
+        rclone_full_bytes = rclone_stats(&said()).0;
+    }
+    fs::remove_dir_all(&d0).unwrap();
+    let (repo, key) = (
+        s3.url(&format!("ours-{last}")),
+        work.join(format!("repository-key-{last}")),
+    );
+    let stored_full = stored(&format!("ours-{last}"));
+
+    // 3. 1% churn, then ours into the same repository; rclone of the new files to a new
+    // prefix, and onto the first one (where it skips the files of the same size and time).
+    eprintln!("  repository: 1% churn, incremental backups");
+    let ssts_before = sst_names(&ds.server);
+    repo_churn(&ds.server, opts.scale, 0);
+    let (ours_incr, ours_incr_bytes) = backup(&repo, &key, "incremental");
+    // SSTs the server made since the backup before, each day.
+    let mut ssts = sst_names(&ds.server);
+    let mut new_ssts = vec![ssts.difference(&ssts_before).count()];
+    let d1 = dir_backup("repository-dir-1");
+    let rclone_new = run(format!(
+        "{rclone} copy {} {}",
+        d1.display(),
+        remote("rclone/after-churn")
+    ));
+    let rclone_new_bytes = rclone_stats(&said()).0;
+    let rclone_onto = run(format!(
+        "{rclone} copy {} {}",
+        d1.display(),
+        remote(&format!("rclone/full-{last}"))
+    ));
+    let (rclone_onto_bytes, onto_sent, onto_skipped) = rclone_stats(&said());
+    fs::remove_dir_all(&d1).unwrap();
+
+    // 4. Restore of the latest snapshot against rclone's download of the same files.
+    let restored = work.join("repository-restored");
+    let restored_bytes = {
+        let out = Command::new(tool.to_string())
+            .args(["snapshots", "--json", "--repo", &repo, "--key-file"])
+            .arg(&key)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "snapshots: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array().unwrap().last().unwrap()["bytes_total"]
+            .as_u64()
+            .unwrap()
+    };
+    let (mut ours_restore, mut download, mut rclone_restore) = (vec![], vec![], vec![]);
+    let mut rclone_restore_bytes = 0;
+    for r in 0..runs {
+        eprintln!("  repository run {}/{runs}: restores", r + 1);
+        ours_restore.push(run(format!(
+            "{tool} restore --repo {repo} --key-file {} --snapshot latest --datadir {}",
+            key.display(),
+            restored.display()
+        )));
+        download.push(download_secs(&said()).unwrap_or_else(|| {
+            panic!(
+                "no \"Downloaded and checked\" in the restore's log:\n{}",
+                said()
+            )
+        }));
+        fs::remove_dir_all(&restored).unwrap();
+        rclone_restore.push(run(format!(
+            "{rclone} copy {} {} && sync",
+            remote("rclone/after-churn"),
+            restored.display()
+        )));
+        rclone_restore_bytes = rclone_stats(&said()).0;
+        fs::remove_dir_all(&restored).unwrap();
+    }
+
+    // 5. The rest of the week: 1% churn (another run of rows each day), then a backup.
+    let mut dailies = vec![(ours_incr, ours_incr_bytes)];
+    for day in 1..opts.dailies as u64 - 1 {
+        eprintln!("  repository: day {} of {}", day + 2, opts.dailies);
+        repo_churn(&ds.server, opts.scale, day);
+        dailies.push(backup(&repo, &key, &format!("day-{}", day + 2)));
+        let now = sst_names(&ds.server);
+        new_ssts.push(now.difference(&ssts).count());
+        ssts = now;
+    }
+    let stored_week = stored(&format!("ours-{last}"));
+    let ssts_kept = ssts.intersection(&ssts_before).count();
+    let uploaded_week: u64 = ours_full_bytes + dailies.iter().map(|d| d.1).sum::<u64>();
+    let n = opts.dailies as u64;
+
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let wall = |s: &[Sample]| median(s.iter().map(|x| x.wall).collect());
+    let cpu = |s: &[Sample]| median(s.iter().map(|x| x.cpu).collect());
+    let mut t = format!(
+        "\n## Repository in S3 against rclone\n\n\
+         Data: {}; as a directory backup, {:.2} GiB in {} files. The store: SeaweedFS (`weed mini`, \
+         `sandbox::s3`) on loopback, on the same 2 cores. Ours: `backup --repo s3://…` into an \
+         encrypted repository, with its defaults (zstd:3, which these random rows do not shrink; \
+         AES-256-GCM). rclone {}: `rclone copy` (its defaults: 4 transfers) of a directory backup of \
+         the server at the same point (its `#rocksdb`, tables and system tables: the same files), \
+         configured through the environment alone. MiB = what was uploaded or downloaded: ours \
+         `bytes_new` of its report (sealed bytes), rclone's own stats; MiB/s = MiB / wall s; CPU s = the \
+         tool's, the store's not counted. Each step starts after a `sync`; downloads end synced \
+         (ours syncs every file, rclone is followed by `sync`). Full backups and restores: medians \
+         of {runs} runs; the incremental and the week run once.\n\n\
+         | step | ours s | ours MiB/s | rclone s | rclone MiB/s | ours/rclone s | ours MiB | rclone MiB | ours/rclone MiB | ours CPU s | rclone CPU s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        ds.description,
+        dir0_bytes as f64 / (1u64 << 30) as f64,
+        dir0_files,
+        rclone_version(),
+    );
+    let mut row = |step: &str, ours: &[Sample], ours_b: u64, theirs: &[Sample], their_b: u64| {
+        let (o, r) = (wall(ours), wall(theirs));
+        let _ = writeln!(
+            t,
+            "| {step} | {o:.2} | {:.1} | {r:.2} | {:.1} | {:.2} | {:.1} | {:.1} | {:.3} | {:.2} | {:.2} |",
+            mib(ours_b) / o,
+            mib(their_b) / r,
+            o / r,
+            mib(ours_b),
+            mib(their_b),
+            ours_b as f64 / their_b.max(1) as f64,
+            cpu(ours),
+            cpu(theirs),
+        );
+    };
+    row(
+        "1. full backup into an empty repository / prefix",
+        &ours_full,
+        ours_full_bytes,
+        &rclone_full,
+        rclone_full_bytes,
+    );
+    row(
+        "2. after 1% churn: ours incremental, rclone a full copy to a new prefix",
+        &[ours_incr],
+        ours_incr_bytes,
+        &[rclone_new],
+        rclone_new_bytes,
+    );
+    row(
+        "3. after 1% churn: ours incremental, rclone copied onto the first prefix",
+        &[ours_incr],
+        ours_incr_bytes,
+        &[rclone_onto],
+        rclone_onto_bytes,
+    );
+    row(
+        "4. restore of that state into an empty directory",
+        &ours_restore,
+        restored_bytes,
+        &rclone_restore,
+        rclone_restore_bytes,
+    );
+    let _ = writeln!(
+        t,
+        "| 5. stored after {n} daily backups: ours one repository, rclone {n} full copies | – | – | – | – | – | {:.1} | {:.1} | {:.3} | – | – |",
+        mib(stored_week),
+        mib(n * rclone_full_bytes),
+        stored_week as f64 / (n * rclone_full_bytes) as f64,
+    );
+    let incr: Vec<f64> = dailies.iter().map(|d| d.0.wall).collect();
+    let incr_mib: Vec<f64> = dailies.iter().map(|d| mib(d.1)).collect();
+    let dl = median(download);
+    let new_lo = new_ssts.iter().min().unwrap();
+    let new_hi = new_ssts.iter().max().unwrap();
+    let others = dir0_files.saturating_sub(ssts_before.len() as u64);
+    let _ = writeln!(
+        t,
+        "\nRow 3: rclone skipped {onto_skipped} files of the same size and modification time and sent \
+         {onto_sent}; a copy, not a sync: files the server has since deleted stay. Row 4: ours restores \
+         the latest snapshot (`--snapshot latest`: the state of rows 2 and 3) and then bootstraps it with \
+         mariadbd; its download alone (\"Downloaded and checked\", every file checked and synced) took \
+         {dl:.2} s, {:.1} MiB/s; rclone downloads the prefix of row 2. Row 5: the full backup and {} \
+         dailies, each after 1% churn (another run of rows each day, the first of them row 2's), in one \
+         repository: the bucket's objects under its prefix (`rclone size`), against {n} × rclone's full \
+         copy; {n} × our own first full backup ({:.1} MiB stored) would be {:.1} MiB, ratio {:.3}. The \
+         snapshots' `bytes_new` add up to {:.1} MiB. The dailies took {:.2} s (median; spread {}) and \
+         uploaded {:.1} MiB (median; spread {} MiB); the server made {:.0} new SSTs a day (median; spread \
+         {new_lo}–{new_hi}), and the {others} other files (small) go into a pack each time. Over the week \
+         the server went from {} SSTs to {}, {ssts_kept} of them the same files: of those the full \
+         backup read, RocksDB rewrote {}.",
+        mib(restored_bytes) / dl,
+        n - 1,
+        mib(stored_full),
+        mib(n * stored_full),
+        stored_week as f64 / (n * stored_full) as f64,
+        mib(uploaded_week),
+        median(incr.clone()),
+        spread(&incr),
+        median(incr_mib.clone()),
+        spread(&incr_mib),
+        median(new_ssts.iter().map(|&f| f as f64).collect()),
+        ssts_before.len(),
+        ssts.len(),
+        ssts_before.len() - ssts_kept,
+    );
+    t
+}
+
+/// `rclone version`'s first line, e.g. "v1.60.1-DEV".
+fn rclone_version() -> String {
+    Command::new("rclone")
+        .args(["--config", "/dev/null", "version"])
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.trim_start_matches("rclone ").to_string())
+        })
+        .unwrap_or_default()
+}
+
 /// Compression ratios by kind, from the report of a compressed backup.
 fn ratios(report: &Path) -> String {
     let r: serde_json::Value = serde_json::from_slice(&fs::read(report).unwrap()).unwrap();
@@ -1469,9 +1929,10 @@ fn main() {
         machine(),
         Command::new(binary("mariadbd")).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
     );
-    let sets: &[fn(f64) -> DataSet] = match opts.only_network {
-        true => &[large_files],
-        false => &[large_files, many_files],
+    let sets: &[fn(f64) -> DataSet] = match (opts.only_network, opts.only_repository) {
+        (_, true) => &[],
+        (true, false) => &[large_files],
+        (false, false) => &[large_files, many_files],
     };
     for make in sets {
         let ds = make(opts.scale);
@@ -1590,8 +2051,17 @@ fn main() {
             ));
         }
     }
-    if !opts.only_network {
+    if !opts.only_network && !opts.only_repository {
         report.push_str(&stall_section(&opts, &tool, work.path(), &path));
+    }
+    if !opts.only_network {
+        report.push_str(&repository_section(
+            &tool,
+            work.path(),
+            target.path(),
+            &path,
+            &opts,
+        ));
     }
     if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).unwrap();

@@ -330,12 +330,12 @@ impl Repo {
     /// The snapshot `id` (a unique prefix will do), or the newest for `latest`; of `host`
     /// (a host or a source) only, when given.
     pub fn snapshot(&self, id: &str, host: Option<&str>) -> Result<Snapshot> {
-        let all = self
+        let mut all = self
             .snapshots()?
             .into_iter()
             .filter(|s| host.is_none_or(|h| s.host == h || s.source == h));
         let found: Vec<Snapshot> = match id {
-            "latest" => all.last().into_iter().collect(),
+            "latest" => all.next_back().into_iter().collect(),
             _ => all.filter(|s| s.id.starts_with(id)).collect(),
         };
         let of = host.map(|h| format!(" of {h}")).unwrap_or_default();
