@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -18,6 +18,7 @@ use crate::cli::{
 use crate::error::{Error, IoContext, Result};
 use crate::format::manifest::FileRecord;
 use crate::log::human;
+use crate::pipeline::compress::StreamDecoder;
 use crate::repo::crypto::{Opener, SEGMENT};
 use crate::repo::{Place, Repo, Snapshot, Trash, DATA, PACKS, SNAPSHOTS, TRASH};
 use crate::restore::{self, Mode};
@@ -151,8 +152,12 @@ fn fetch(repo: &Repo, place: &Place, record: &FileRecord, out: &mut dyn Write) -
         |plain: &mut Vec<u8>, crc: &mut crc32fast::Hasher, size: &mut u64| -> Result<()> {
             crc.update(plain);
             *size += plain.len() as u64;
-            out.write_all(plain)
-                .context(|| format!("cannot write {}", record.path))?;
+            out.write_all(plain).map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => {
+                    Error::Corrupt(format!("{what} is damaged: it does not decode ({e})"))
+                }
+                _ => Error::io(format!("cannot write {}", record.path), e),
+            })?;
             plain.clear();
             Ok(())
         };
@@ -279,26 +284,7 @@ fn restore_via(
         snapshot,
         args.parallel.map_or(8, usize::from),
         cancel,
-        &|record, place| {
-            let parts = crate::format::safe_components(&record.path)?;
-            let path: PathBuf = parts.iter().fold(staging.to_path_buf(), |p, c| p.join(c));
-            if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir).with_path("create", dir)?;
-            }
-            let mut file = std::io::BufWriter::with_capacity(
-                1 << 20,
-                File::options()
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                    .with_path("create", &path)?,
-            );
-            fetch(repo, place, record, &mut file)?;
-            file.into_inner()
-                .map_err(|e| Error::io(format!("cannot write {}", path.display()), e.into_error()))?
-                .sync_all()
-                .with_path("sync", &path)
-        },
+        &|record, place| download(repo, staging, record, place),
     )?;
     if let Some((path, e)) = failures.into_iter().next() {
         return Err(match e {
@@ -328,6 +314,72 @@ fn restore_via(
         skip_bootstrap: args.skip_bootstrap,
     };
     restore::run(&restore_args, Mode::Move, cancel)
+}
+
+/// Downloads one file of a snapshot into the staging directory, checked. A file stored
+/// compressed is decoded on the way (the restore then only moves it), and what it decodes
+/// to is checked against the manifest too.
+fn download(repo: &Repo, staging: &Path, record: &FileRecord, place: &Place) -> Result<()> {
+    let parts = crate::format::safe_components(record.restored_path())?;
+    let path: PathBuf = parts.iter().fold(staging.to_path_buf(), |p, c| p.join(c));
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_path("create", dir)?;
+    }
+    let file = BufWriter::with_capacity(
+        1 << 20,
+        File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_path("create", &path)?,
+    );
+    let file = match &record.original {
+        None => {
+            let mut file = file;
+            fetch(repo, place, record, &mut file)?;
+            file
+        }
+        Some(original) => {
+            let decoder = StreamDecoder::new(file).with_path("decode", &path)?;
+            let mut decoding = Decoding(decoder);
+            fetch(repo, place, record, &mut decoding)?;
+            let (file, size, crc) = decoding
+                .0
+                .finish()
+                .map_err(|e| Error::Corrupt(format!("{} does not decode: {e}", record.path)))?;
+            if size != original.size || crc != original.crc32 {
+                return Err(Error::Corrupt(format!(
+                    "{} decodes to {size} bytes with CRC-32 {crc:08x}, the manifest says {} bytes with {:08x}",
+                    record.path, original.size, original.crc32
+                )));
+            }
+            file
+        }
+    };
+    file.into_inner()
+        .map_err(|e| Error::io(format!("cannot write {}", path.display()), e.into_error()))?
+        .sync_all()
+        .with_path("sync", &path)
+}
+
+/// A zstd decoder as a `Write`.
+struct Decoding<W: Write>(StreamDecoder<W>);
+
+impl<W: Write> Write for Decoding<W> {
+    /// An error that is not the system's is the decoder's: the data is damaged.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.0.write(buf) {
+            Ok(()) => Ok(buf.len()),
+            Err(e) if e.raw_os_error().is_none() => {
+                Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `verify --repo`: every object each snapshot needs exists and is large enough; with

@@ -501,4 +501,48 @@ fn damaged_and_missing_objects_are_named_and_refused_and_a_wrong_key_opens_nothi
         })
         .collect();
     assert!(staging.is_empty(), "the staging directory is removed");
+
+    // Unencrypted, the CRCs of the manifest find the damage (in the compressed bytes).
+    let plain_dir = tmp.path().join("plain");
+    let out = Command::new(bin())
+        .args([
+            "repo",
+            "init",
+            "--no-encryption",
+            "--repo",
+            plain_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plain_cmd = |args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .args(["--repo", plain_dir.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = Command::new(bin())
+        .args(["backup", "--user", "root", "--socket"])
+        .arg(&source.socket)
+        .args(["--repo", plain_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sst = crate::common::walk(&plain_dir)
+        .into_iter()
+        .filter(|n| n.starts_with("data/"))
+        .max_by_key(|n| fs::metadata(plain_dir.join(n)).unwrap().len())
+        .unwrap();
+    let path = plain_dir.join(&sst);
+    let mut bytes = fs::read(&path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    fs::write(&path, bytes).unwrap();
+    let out = plain_cmd(&["verify", "--read-data"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&sst), "{}", stderr(&out));
+    let target = tmp.path().join("restored-plain");
+    let out = plain_cmd(&["restore", "--datadir", target.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
 }
