@@ -408,6 +408,8 @@ pub fn verify(args: &RepoArgs, snapshot: Option<&str>, read_data: bool, json: bo
     }
     let mut problems = Vec::new();
     let mut bytes = 0u64;
+    // Files the store failed to give: not known damaged, not verified either.
+    let mut unreadable = 0;
     for snapshot in &snapshots {
         let found = match read_data {
             true => each_file(snapshot, 8, &cancel, &|record, place| {
@@ -437,6 +439,7 @@ pub fn verify(args: &RepoArgs, snapshot: Option<&str>, read_data: bool, json: bo
         };
         bytes += snapshot.bytes_total;
         for (file, e) in found {
+            unreadable += usize::from(!matches!(e, Error::Corrupt(_)));
             problems.push(Problem {
                 snapshot: snapshot.id.clone(),
                 file,
@@ -459,6 +462,12 @@ pub fn verify(args: &RepoArgs, snapshot: Option<&str>, read_data: bool, json: bo
     }
     for p in &problems {
         error!("snapshot {}: {}", p.snapshot, p.problem);
+    }
+    if unreadable > 0 {
+        return Err(Error::Store(format!(
+            "{}: {unreadable} file(s) could not be read from the store (see above): the repository was not verified",
+            repo.url
+        )));
     }
     match problems.is_empty() {
         true => {
@@ -529,13 +538,15 @@ fn day(t: i64) -> i64 {
 }
 
 pub fn forget(args: ForgetArgs) -> Result<()> {
-    if args.keep_last.is_none()
-        && args.keep_daily.is_none()
-        && args.keep_weekly.is_none()
-        && args.keep_monthly.is_none()
-    {
+    let keeps = [
+        args.keep_last,
+        args.keep_daily,
+        args.keep_weekly,
+        args.keep_monthly,
+    ];
+    if keeps.iter().all(|k| k.unwrap_or(0) == 0) {
         return Err(Error::Usage(
-            "forget needs a policy: --keep-last, --keep-daily, --keep-weekly or --keep-monthly"
+            "forget needs a policy that keeps something: --keep-last, --keep-daily, --keep-weekly or --keep-monthly N (N > 0)"
                 .into(),
         ));
     }
@@ -591,7 +602,7 @@ pub fn prune(args: &PruneArgs) -> Result<()> {
     // Step 1: list what nothing refers to and no trash list names yet.
     let used = referenced(&repo)?;
     let trash = repo.trash()?;
-    let listed: HashSet<&String> = trash.values().flat_map(|t| &t.objects).collect();
+    let listed: HashSet<&String> = trash.values().flat_map(|(t, _)| &t.objects).collect();
     let mut sizes = HashMap::new();
     for prefix in [DATA, PACKS] {
         for l in repo.store().list(prefix)? {
@@ -612,10 +623,16 @@ pub fn prune(args: &PruneArgs) -> Result<()> {
             list.objects.len()
         );
     }
-    // Step 2: delete the lists every running backup has seen. The locks are read after
-    // the list was written, the snapshots after the locks: a backup whose lock is gone
-    // has committed its snapshot by then.
-    let locks = repo.live_locks()?;
+    // Step 2: delete the lists every running backup has seen. The lists are read first,
+    // then the locks, then the snapshots: a list a backup did not see was written after
+    // it started, so its lock is there; a backup whose lock is gone has committed its
+    // snapshot by then. A lock is live by the store's clock: the newest list's time.
+    let trash = repo.trash()?;
+    let Some(now) = trash.values().map(|(_, written)| *written).max() else {
+        info!("Nothing to prune; completed OK!");
+        return Ok(());
+    };
+    let locks = repo.live_locks(now)?;
     let used = referenced(&repo)?;
     let (mut deleted, mut freed, mut deferred) = (0u64, 0u64, 0usize);
     let mut all_sizes: HashMap<String, u64> = HashMap::new();
@@ -627,7 +644,7 @@ pub fn prune(args: &PruneArgs) -> Result<()> {
                 .map(|l| (l.name, l.size)),
         );
     }
-    for (name, list) in repo.trash()? {
+    for (name, (list, _)) in trash {
         if !locks.values().all(|l| l.seen_trash.contains(&name)) {
             deferred += 1;
             continue;

@@ -8,7 +8,8 @@
 //!   size, never from its name; GEN tells apart copies uploaded again (see prune). The
 //!   object is the file's bytes, then its record (sizes, CRCs), then the record's length.
 //! - `packs/SNAPSHOT-N`: everything else of one backup (WAL, MANIFEST, table definitions,
-//!   the backup's own files), bundled; each file is sealed on its own, at an offset.
+//!   the backup's own files), bundled; each file is sealed on its own, at an offset. A
+//!   file larger than a pack (32 MiB) is a pack of its own.
 //! - `snapshots/ID`: one backup's manifest and where each of its files lies. Written last,
 //!   with `If-None-Match`: the commit point.
 //! - `locks/ID`: a running backup, refreshed every minute; `trash/ID`: objects a prune
@@ -19,7 +20,7 @@ pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +89,13 @@ impl Snapshot {
     pub fn manifest(&self) -> Result<Manifest<serde_json::Value>> {
         Manifest::parse(self.manifest.as_bytes())
     }
+}
+
+/// What follows an SST's bytes in its object: which SST it is, and its record.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SstTrailer {
+    pub identity: String,
+    pub record: FileRecord,
 }
 
 /// A running backup's lock.
@@ -236,12 +244,12 @@ impl Repo {
                 }
                 Some(key)
             }
+            // Never store plain what the caller means to be encrypted.
             (false, Some(path)) => {
-                crate::warn!(
-                    "{url} is not encrypted: the key file {} is not used",
+                return Err(Error::Refused(format!(
+                    "{url} is not encrypted, but a key file ({}) was given: nothing was read or written; run without --key-file to use it",
                     path.display()
-                );
-                None
+                )))
             }
             (false, None) => None,
         };
@@ -351,8 +359,15 @@ impl Repo {
         }
     }
 
-    /// The record stored after an SST object's bytes (`size`: the object's size).
-    pub fn sst_record(&self, object: &str, size: u64) -> Result<Option<(FileRecord, Place)>> {
+    /// The record stored after an SST object's bytes (`size`: the object's size), if the
+    /// object holds the SST of this `identity` (an object copied under another name is not
+    /// taken for what its name says).
+    pub fn sst_record(
+        &self,
+        object: &str,
+        size: u64,
+        identity: &str,
+    ) -> Result<Option<(FileRecord, Place)>> {
         let tail = 4096.min(size);
         let Some(end) = self.store.get(object, Some(size - tail..size))? else {
             return Ok(None);
@@ -377,9 +392,13 @@ impl Repo {
                 .get(object, Some(size - 4 - len..size - 4))?
                 .ok_or_else(damaged)?,
         };
-        let record: FileRecord =
+        let trailer: SstTrailer =
             serde_json::from_slice(&crypto::open(self.key(), &sealed, object)?)
                 .map_err(|_| damaged())?;
+        if trailer.identity != identity {
+            return Ok(None);
+        }
+        let record = trailer.record;
         let place = Place {
             object: object.to_string(),
             offset: 0,
@@ -388,26 +407,29 @@ impl Repo {
         Ok(Some((record, place)))
     }
 
-    /// The trash lists, by name.
-    pub fn trash(&self) -> Result<BTreeMap<String, Trash>> {
+    /// The trash lists, by name, with when the store wrote each (its own clock).
+    pub fn trash(&self) -> Result<BTreeMap<String, (Trash, SystemTime)>> {
         let mut out = BTreeMap::new();
         for listed in self.store.list(TRASH)? {
             if let Some(t) = self.get_json::<Trash>(&listed.name)? {
-                out.insert(listed.name, t);
+                out.insert(listed.name, (t, listed.modified));
             }
         }
         Ok(out)
     }
 
-    /// The locks of backups that are running (refreshed recently), by name.
-    pub fn live_locks(&self) -> Result<BTreeMap<String, Lock>> {
-        let now = crate::log::unix_now();
+    /// The locks of backups that may still run: written by the store less than
+    /// [`LOCK_STALE`] before `now`, a time of the store's own clock (when it wrote an
+    /// object), so that no two hosts' clocks are compared.
+    pub fn live_locks(&self, now: SystemTime) -> Result<BTreeMap<String, Lock>> {
         let mut out = BTreeMap::new();
         for listed in self.store.list(LOCKS)? {
+            let age = now.duration_since(listed.modified).unwrap_or_default();
+            if age >= LOCK_STALE {
+                continue;
+            }
             if let Some(lock) = self.get_json::<Lock>(&listed.name)? {
-                if now - lock.refreshed < LOCK_STALE.as_secs() as i64 {
-                    out.insert(listed.name, lock);
-                }
+                out.insert(listed.name, lock);
             }
         }
         Ok(out)

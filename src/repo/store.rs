@@ -119,6 +119,12 @@ impl S3Store {
                 .with_endpoint(endpoint)
                 .with_allow_http(endpoint.starts_with("http://"));
         }
+        let prefix = prefix.trim_matches('/');
+        if Key::from(prefix).to_string() != prefix {
+            return Err(Error::Usage(format!(
+                "the S3 prefix {prefix:?} has characters or empty parts object keys cannot hold as they are: use letters, digits, '-', '_', '.' and single '/'"
+            )));
+        }
         let client = builder
             .build()
             .map_err(|e| Error::Usage(format!("cannot use the S3 store: {e}")))?;
@@ -264,6 +270,25 @@ impl S3Upload {
         Ok(())
     }
 
+    fn complete(&mut self) -> Result<()> {
+        if !self.buffer.is_empty() || self.parts.is_empty() {
+            self.send_part()?;
+        }
+        for part in std::mem::take(&mut self.parts) {
+            self.wait(part)?;
+        }
+        let handle = self.handle.clone();
+        handle
+            .block_on(self.upload.complete())
+            .map(|_| ())
+            .map_err(|e| {
+                Error::Store(format!(
+                    "cannot complete the upload of {} to {}: {e}",
+                    self.name, self.what
+                ))
+            })
+    }
+
     fn wait(&self, part: tokio::task::JoinHandle<object_store::Result<()>>) -> Result<()> {
         match self.handle.block_on(part) {
             Ok(Ok(())) => Ok(()),
@@ -289,22 +314,12 @@ impl Upload for S3Upload {
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {
-        if !self.buffer.is_empty() || self.parts.is_empty() {
-            self.send_part()?;
+        let result = self.complete();
+        if result.is_err() {
+            // The store keeps (and bills) the parts of an upload never completed.
+            self.abort();
         }
-        for part in std::mem::take(&mut self.parts) {
-            self.wait(part)?;
-        }
-        let handle = self.handle.clone();
-        handle
-            .block_on(self.upload.complete())
-            .map(|_| ())
-            .map_err(|e| {
-                Error::Store(format!(
-                    "cannot complete the upload of {} to {}: {e}",
-                    self.name, self.what
-                ))
-            })
+        result
     }
 
     fn abort(mut self: Box<Self>) {
@@ -340,7 +355,15 @@ impl DirStore {
     fn temporary(&self, name: &str) -> Result<(File, PathBuf)> {
         let path = self.path(name);
         let dir = path.parent().expect("object names have a folder");
-        fs::create_dir_all(dir).with_path("create", dir)?;
+        if !dir.is_dir() {
+            fs::create_dir_all(dir).with_path("create", dir)?;
+            // The new folder's entry is durable too, not only the files in it.
+            let mut parent = dir;
+            while let Some(up) = parent.parent().filter(|_| parent != self.root) {
+                crate::sink::dir::sync_dir(up)?;
+                parent = up;
+            }
+        }
         let tmp = dir.join(format!("{PARTIAL}{}", crate::net::tls::random_hex(8)?));
         let file = File::options()
             .write(true)
@@ -356,7 +379,13 @@ impl DirStore {
         drop(file);
         let path = self.path(name);
         let placed = match create_only {
-            true => crate::sys::rename_noreplace(tmp, &path),
+            // NFS and CIFS lack RENAME_NOREPLACE; a hard link fails as well on an existing name.
+            true => crate::sys::rename_noreplace(tmp, &path).or_else(|e| {
+                match e.raw_os_error() == Some(libc::EINVAL) {
+                    true => fs::hard_link(tmp, &path).and_then(|()| fs::remove_file(tmp)),
+                    false => Err(e),
+                }
+            }),
             false => fs::rename(tmp, &path),
         };
         match placed {

@@ -5,9 +5,10 @@
 //! prune away from what the backup uses.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use serde::Serialize;
@@ -21,7 +22,8 @@ use crate::log::unix_now;
 use crate::repo::crypto::{self, Sealer};
 use crate::repo::store::{Listed, Upload};
 use crate::repo::{
-    Lock, Place, Repo, Snapshot, DATA, LOCKS, LOCK_REFRESH, LOCK_STALE, PACKS, SNAPSHOTS,
+    Lock, Place, Repo, Snapshot, SstTrailer, DATA, LOCKS, LOCK_REFRESH, LOCK_STALE, PACKS,
+    SNAPSHOTS,
 };
 use crate::{info, warn};
 
@@ -56,12 +58,11 @@ pub struct RepoSink {
     /// Records and places of the SST objects the source's previous snapshot used.
     known: HashMap<String, (FileRecord, Place)>,
     places: Mutex<BTreeMap<String, Place>>,
-    reused: Mutex<Vec<String>>,
     pack: Mutex<Pack>,
     packs: AtomicU64,
     figures: Mutex<Figures>,
-    /// When the lock was last refreshed (seconds since the epoch).
-    refreshed: Arc<AtomicI64>,
+    /// Whether the lock has been kept fresh throughout.
+    lock_held: Arc<Mutex<Held>>,
     refresher: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
 }
 
@@ -72,7 +73,7 @@ impl RepoSink {
         // The id starts with a tag of the server backed up, so that the next backup finds
         // this one's records by listing names, without reading every snapshot.
         let tag = repo.source_tag(&source);
-        let id = format!("{tag}{}", crate::net::tls::random_hex(4)?);
+        let id = format!("{tag}{}", crate::net::tls::random_hex(6)?);
         let lock = format!("{LOCKS}{id}");
         let started = unix_now();
         let mut state = Lock {
@@ -87,7 +88,7 @@ impl RepoSink {
         let trash = repo.trash()?;
         state.seen_trash = trash.keys().cloned().collect();
         repo.put_json(&lock, &state, false)?;
-        let trashed: HashSet<&String> = trash.values().flat_map(|t| &t.objects).collect();
+        let trashed: HashSet<&String> = trash.values().flat_map(|(t, _)| &t.objects).collect();
         let mut held: HashMap<String, Vec<Listed>> = HashMap::new();
         for listed in repo.store().list(DATA)? {
             if trashed.contains(&listed.name) {
@@ -126,8 +127,11 @@ impl RepoSink {
             repo.url,
             held.values().map(Vec::len).sum::<usize>()
         );
-        let refreshed = Arc::new(AtomicI64::new(started));
-        let refresher = spawn_refresher(repo.clone(), lock.clone(), state, refreshed.clone());
+        let lock_held = Arc::new(Mutex::new(Held {
+            last: Instant::now(),
+            lost: false,
+        }));
+        let refresher = spawn_refresher(repo.clone(), lock.clone(), state, lock_held.clone());
         Ok(RepoSink {
             pack: Mutex::new(Pack {
                 name: format!("{PACKS}{id}-0"),
@@ -140,20 +144,28 @@ impl RepoSink {
             held,
             known,
             places: Mutex::new(BTreeMap::new()),
-            reused: Mutex::new(Vec::new()),
             packs: AtomicU64::new(1),
             figures: Mutex::new(Figures {
                 snapshot: id.clone(),
                 ..Figures::default()
             }),
             id,
-            refreshed,
+            lock_held,
             refresher: Mutex::new(Some(refresher)),
         })
     }
 
     pub fn figures(&self) -> Figures {
         self.figures.lock().expect("not poisoned").clone()
+    }
+
+    /// The name of a new pack of this snapshot.
+    fn next_pack(&self) -> String {
+        format!(
+            "{PACKS}{}-{}",
+            self.id,
+            self.packs.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     /// Uploads the current pack if it holds anything (or is full, with `full_only`).
@@ -163,21 +175,21 @@ impl RepoSink {
             if pack.data.is_empty() || (full_only && pack.data.len() < PACK_TARGET) {
                 return Ok(());
             }
-            let next = format!(
-                "{PACKS}{}-{}",
-                self.id,
-                self.packs.fetch_add(1, Ordering::Relaxed)
-            );
             std::mem::replace(
                 &mut *pack,
                 Pack {
-                    name: next,
+                    name: self.next_pack(),
                     data: Vec::new(),
                 },
             )
         };
-        self.repo.store().put(&pack.name, pack.data, true)?;
-        Ok(())
+        match self.repo.store().put(&pack.name, pack.data, true)? {
+            true => Ok(()),
+            false => Err(Error::Store(format!(
+                "{} already exists in {}: no snapshot was written, run the backup again",
+                pack.name, self.repo.url
+            ))),
+        }
     }
 
     fn stop_refresher(&self) {
@@ -206,11 +218,31 @@ impl RepoSink {
     }
 }
 
+/// When the lock was last refreshed (a monotonic clock: a paused process sees the pause),
+/// and whether a gap between refreshes was ever long enough for a prune to take it as dead.
+struct Held {
+    last: Instant,
+    lost: bool,
+}
+
+impl Held {
+    fn check(&self) -> Result<()> {
+        let gap = self.last.elapsed();
+        if self.lost || gap > LOCK_STALE / 2 {
+            return Err(Error::Store(format!(
+                "the backup's lock was not refreshed for {} s or more: a prune may have taken it as dead and deleted its objects; no snapshot was written, run the backup again",
+                gap.max(LOCK_STALE / 2).as_secs()
+            )));
+        }
+        Ok(())
+    }
+}
+
 fn spawn_refresher(
     repo: Arc<Repo>,
     name: String,
     mut state: Lock,
-    refreshed: Arc<AtomicI64>,
+    held: Arc<Mutex<Held>>,
 ) -> (Sender<()>, JoinHandle<()>) {
     let (stop, stopped) = bounded::<()>(0);
     let thread = std::thread::spawn(move || loop {
@@ -218,7 +250,11 @@ fn spawn_refresher(
             Err(RecvTimeoutError::Timeout) => {
                 state.refreshed = unix_now();
                 match repo.put_json(&name, &state, false) {
-                    Ok(_) => refreshed.store(state.refreshed, Ordering::Relaxed),
+                    Ok(_) => {
+                        let mut held = held.lock().expect("not poisoned");
+                        held.lost |= held.last.elapsed() > LOCK_STALE / 2;
+                        held.last = Instant::now();
+                    }
                     Err(e) => warn!("cannot refresh the backup's lock {name}: {e}"),
                 }
             }
@@ -260,7 +296,14 @@ impl Sink for RepoSink {
         for listed in self.held.get(&stem).into_iter().flatten() {
             let found = match self.known.get(&listed.name) {
                 Some(known) => Some(known.clone()),
-                None => self.repo.sst_record(&listed.name, listed.size)?,
+                None => match self.repo.sst_record(&listed.name, listed.size, identity) {
+                    Ok(found) => found,
+                    Err(Error::Corrupt(e)) => {
+                        warn!("{e}: the SST is uploaded again");
+                        None
+                    }
+                    Err(e) => return Err(e),
+                },
             };
             let Some((stored, place)) = found else {
                 continue;
@@ -269,10 +312,6 @@ impl Sink for RepoSink {
                 continue;
             }
             let record = renamed(&stored, meta);
-            self.reused
-                .lock()
-                .expect("not poisoned")
-                .push(listed.name.clone());
             self.placed(&record, place, None);
             return Ok(Some(record));
         }
@@ -294,6 +333,7 @@ impl Sink for RepoSink {
                 upload.write(head)?;
                 Ok(Box::new(SstFile {
                     sink: self,
+                    identity: identity.clone(),
                     object,
                     upload: Some(upload),
                     sealer: Some(sealer),
@@ -304,35 +344,14 @@ impl Sink for RepoSink {
                 sink: self,
                 sealer: Some(sealer),
                 data: head,
+                upload: None,
+                sent: 0,
             })),
         }
     }
 
     fn commit(&self, manifest: &[u8]) -> Result<()> {
         self.flush_pack(false)?;
-        let since = unix_now() - self.refreshed.load(Ordering::Relaxed);
-        if since > (LOCK_STALE.as_secs() / 2) as i64 {
-            return Err(Error::Store(format!(
-                "the backup's lock could not be refreshed for {since} s: a prune may have taken its objects; no snapshot was written"
-            )));
-        }
-        // Every object this backup reuses is still there (a prune that ignored the lock,
-        // a hand that deleted objects, would otherwise leave a snapshot that cannot restore).
-        let reused = self.reused.lock().expect("not poisoned").clone();
-        if !reused.is_empty() {
-            let present: HashSet<String> = self
-                .repo
-                .store()
-                .list(DATA)?
-                .into_iter()
-                .map(|l| l.name)
-                .collect();
-            if let Some(gone) = reused.iter().find(|o| !present.contains(*o)) {
-                return Err(Error::Store(format!(
-                    "{gone}, which this backup reuses, was deleted meanwhile; no snapshot was written: run the backup again"
-                )));
-            }
-        }
         let parsed: Manifest<serde_json::Value> = Manifest::parse(manifest)?;
         let places = std::mem::take(&mut *self.places.lock().expect("not poisoned"));
         if let Some(missing) = parsed.files.iter().find(|r| !places.contains_key(&r.path)) {
@@ -341,6 +360,21 @@ impl Sink for RepoSink {
                 missing.path
             )));
         }
+        // Every object the snapshot names is there, and the lock was held throughout: a
+        // prune that took this backup for dead would otherwise leave a snapshot that cannot
+        // restore.
+        self.lock_held.lock().expect("not poisoned").check()?;
+        let mut present = HashSet::new();
+        for prefix in [DATA, PACKS] {
+            present.extend(self.repo.store().list(prefix)?.into_iter().map(|l| l.name));
+        }
+        if let Some(gone) = places.values().find(|p| !present.contains(&p.object)) {
+            return Err(Error::Store(format!(
+                "{}, which this backup uses, was deleted meanwhile; no snapshot was written: run the backup again",
+                gone.object
+            )));
+        }
+        self.lock_held.lock().expect("not poisoned").check()?;
         let summary = crate::cmd::Summary::of(&parsed);
         let figures = self.figures();
         let snapshot = Snapshot {
@@ -363,10 +397,10 @@ impl Sink for RepoSink {
             places,
             manifest: String::from_utf8_lossy(manifest).into_owned(),
         };
-        if !self
-            .repo
-            .put_json(&format!("{SNAPSHOTS}{}", self.id), &snapshot, true)?
-        {
+        let name = format!("{SNAPSHOTS}{}", self.id);
+        let bytes = serde_json::to_vec(&snapshot).expect("serialisable");
+        // Refused as existing: ours, when a retried request had in fact succeeded.
+        if !self.repo.put(&name, &bytes, true)? && self.repo.get(&name)? != Some(bytes) {
             return Err(Error::Store(format!(
                 "a snapshot {} already exists in {}",
                 self.id, self.repo.url
@@ -397,6 +431,7 @@ impl Drop for RepoSink {
 /// An SST, uploaded as it is read.
 struct SstFile<'a> {
     sink: &'a RepoSink,
+    identity: String,
     object: String,
     upload: Option<Box<dyn Upload>>,
     sealer: Option<Sealer>,
@@ -422,15 +457,22 @@ impl SinkFile for SstFile<'_> {
         let mut out = Vec::new();
         self.sealer.take().expect("finished once").finish(&mut out);
         let data_len = self.sent + out.len() as u64;
+        let trailer = SstTrailer {
+            identity: std::mem::take(&mut self.identity),
+            record: record.clone(),
+        };
         let trailer = crypto::seal(
             self.sink.repo.key(),
-            &serde_json::to_vec(record).expect("serialisable"),
+            &serde_json::to_vec(&trailer).expect("serialisable"),
         )?;
         out.extend_from_slice(&trailer);
         out.extend_from_slice(&(trailer.len() as u32).to_le_bytes());
         let total = data_len + trailer.len() as u64 + 4;
         let mut upload = self.upload.take().expect("finished once");
-        upload.write(out)?;
+        if let Err(e) = upload.write(out) {
+            upload.abort();
+            return Err(e);
+        }
         upload.finish()?;
         let place = Place {
             object: self.object.clone(),
@@ -450,11 +492,31 @@ impl Drop for SstFile<'_> {
     }
 }
 
-/// A file bundled into the snapshot's packs: sealed in memory, then appended.
+/// A file bundled into the snapshot's packs: sealed in memory, then appended. One that
+/// grows past a pack's size (a large WAL) becomes a pack of its own, uploaded as it is read.
 struct PackedFile<'a> {
     sink: &'a RepoSink,
     sealer: Option<Sealer>,
     data: Vec<u8>,
+    /// The pack of its own, once the file is that large.
+    upload: Option<(String, Box<dyn Upload>)>,
+    /// Sealed bytes uploaded so far.
+    sent: u64,
+}
+
+impl PackedFile<'_> {
+    fn send(&mut self) -> Result<()> {
+        if self.upload.is_none() && self.data.len() >= PACK_TARGET {
+            let name = self.sink.next_pack();
+            let upload = self.sink.repo.store().upload(&name)?;
+            self.upload = Some((name, upload));
+        }
+        if let Some((_, upload)) = &mut self.upload {
+            self.sent += self.data.len() as u64;
+            upload.write(std::mem::take(&mut self.data))?;
+        }
+        Ok(())
+    }
 }
 
 impl SinkFile for PackedFile<'_> {
@@ -463,7 +525,7 @@ impl SinkFile for PackedFile<'_> {
             .as_mut()
             .expect("open until finished")
             .push(&chunk.data, &mut self.data);
-        Ok(())
+        self.send()
     }
 
     fn finish(mut self: Box<Self>, record: &FileRecord) -> Result<()> {
@@ -471,6 +533,17 @@ impl SinkFile for PackedFile<'_> {
             .take()
             .expect("finished once")
             .finish(&mut self.data);
+        self.send()?;
+        if let Some((object, upload)) = self.upload.take() {
+            upload.finish()?;
+            let place = Place {
+                object,
+                offset: 0,
+                len: self.sent,
+            };
+            self.sink.placed(record, place, Some(self.sent));
+            return Ok(());
+        }
         let len = self.data.len() as u64;
         let place = {
             let mut pack = self.sink.pack.lock().expect("not poisoned");
@@ -485,5 +558,13 @@ impl SinkFile for PackedFile<'_> {
         self.sink.placed(record, place, Some(len));
         // The bytes are held until the pack is stored; a failure then fails the commit.
         self.sink.flush_pack(true)
+    }
+}
+
+impl Drop for PackedFile<'_> {
+    fn drop(&mut self) {
+        if let Some((_, upload)) = self.upload.take() {
+            upload.abort();
+        }
     }
 }

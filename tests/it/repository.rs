@@ -83,7 +83,7 @@ impl Repo {
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "backup failed: {log}");
         let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        assert_eq!(id.len(), 12, "the snapshot id on stdout: {id:?}");
+        assert_eq!(id.len(), 16, "the snapshot id on stdout: {id:?}");
         let report: serde_json::Value = serde_json::from_slice(&fs::read(report).unwrap()).unwrap();
         (id, report)
     }
