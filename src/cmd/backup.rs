@@ -126,11 +126,12 @@ pub fn run(args: BackupArgs) -> Result<()> {
     }
     let cancel = super::on_signals()?;
     crate::sys::explain_sigbus().context(|| "cannot install a SIGBUS handler".into())?;
-    // A repository keeps backups for months: its files are compressed unless told otherwise
-    // (zstd gives up quickly on what does not compress, like already compressed SSTs).
+    // A repository keeps backups for months: its files are compressed unless told otherwise,
+    // but for SSTs, compressed by RocksDB already (`--compress` compresses them too).
     let compression = args.compress.or_else(|| {
         args.repo.as_ref().map(|_| Compression {
             level: Compression::DEFAULT_LEVEL,
+            ssts: false,
         })
     });
     let compress_threads = args.compress_threads.map_or(super::cpus(), usize::from);

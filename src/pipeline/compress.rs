@@ -21,6 +21,9 @@ use crate::sink::Chunk;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Compression {
     pub level: i32,
+    /// SSTs too: MyRocks SSTs are usually compressed block by block already, so where
+    /// compression is a default (a repository) it leaves them as they are.
+    pub ssts: bool,
 }
 
 impl Compression {
@@ -54,7 +57,7 @@ impl FromStr for Compression {
                     )
                 })?,
         };
-        Ok(Compression { level })
+        Ok(Compression { level, ssts: true })
     }
 }
 

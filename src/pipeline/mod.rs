@@ -139,6 +139,8 @@ struct CompressCtx<'a> {
     pool: &'a Pool,
     /// Chunks of one file in the workers at once.
     depth: usize,
+    /// SSTs are compressed too.
+    ssts: bool,
 }
 
 pub struct Pipeline<'a> {
@@ -238,10 +240,11 @@ impl<'a> Pipeline<'a> {
                 sink: self.sink,
                 pool: &self.pool,
                 throttle: self.throttle_rate.map(Throttle::new),
-                compress: level.map(|_| CompressCtx {
+                compress: self.options.compression.map(|c| CompressCtx {
                     jobs,
                     pool: &self.out_pool,
                     depth: compress_depth(&self.options),
+                    ssts: c.ssts,
                 }),
                 progress: self.progress,
                 cancel: self.cancel.clone(),

@@ -35,10 +35,12 @@ pub fn store(item: Item, ctx: &Ctx) -> Result<FileRecord> {
     }
 }
 
-/// Whether files of this kind are compressed when compression is on. The backup's own
-/// small files stay readable: scripts read `xtrabackup_binlog_info` where it lies.
-fn compressible(kind: Kind) -> bool {
-    kind != Kind::Metadata
+/// Whether a file of this kind is compressed. The backup's own small files stay readable:
+/// scripts read `xtrabackup_binlog_info` where it lies.
+fn compressed(kind: Kind, ctx: &Ctx) -> bool {
+    ctx.compress
+        .as_ref()
+        .is_some_and(|c| kind != Kind::Metadata && (c.ssts || kind != Kind::Sst))
 }
 
 fn store_file(
@@ -69,7 +71,7 @@ fn store_file(
         )));
     }
     let size = len.unwrap_or(md.len());
-    let compress = ctx.compress.is_some() && compressible(kind);
+    let compress = compressed(kind, ctx);
     let mut meta = FileMeta {
         path: stored_name(name, compress),
         size: (!compress).then_some(size),
@@ -155,7 +157,7 @@ fn store_file(
 }
 
 fn store_bytes(name: &str, kind: Kind, bytes: &[u8], ctx: &Ctx) -> Result<FileRecord> {
-    let compress = ctx.compress.is_some() && compressible(kind);
+    let compress = compressed(kind, ctx);
     let mut meta = FileMeta::generated(&stored_name(name, compress), bytes.len() as u64);
     meta.kind = kind;
     if compress {
