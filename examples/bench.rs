@@ -1761,8 +1761,8 @@ fn repository_section(
         "\n## Repository in S3 against rclone\n\n\
          Data: {}; as a directory backup, {:.2} GiB in {} files. The store: SeaweedFS (`weed mini`, \
          `sandbox::s3`) on loopback, on the same 2 cores. Ours: `backup --repo s3://…` into an \
-         encrypted repository, with its defaults (zstd:3, which made its full backup {:.1}% smaller than \
-         the directory backup; AES-256-GCM). rclone {}: `rclone copy` (its defaults: 4 transfers) of a directory backup of \
+         encrypted repository, with its defaults (zstd:3 for all but SSTs, which RocksDB compresses: its full backup is {:.1}% \
+         smaller than the directory backup; AES-256-GCM). rclone {}: `rclone copy` (its defaults: 4 transfers) of a directory backup of \
          the server at the same point (its `#rocksdb`, tables and system tables: the same files), \
          configured through the environment alone. MiB = what was uploaded or downloaded: ours \
          `bytes_new` of its report (sealed bytes), rclone's own stats; MiB/s = MiB / wall s; CPU s = the \

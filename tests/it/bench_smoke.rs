@@ -55,6 +55,12 @@ fn the_benchmark_runs_every_case_on_tiny_data() {
     );
     assert_eq!(text.matches("### Throttle accuracy").count(), 2, "{text}");
     assert_eq!(
+        text.matches("| 1. full backup into an empty repository / prefix |")
+            .count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
         text.matches("| myrocks-hotbackup, xbstream | ").count(),
         2,
         "{text}"
@@ -64,6 +70,7 @@ fn the_benchmark_runs_every_case_on_tiny_data() {
         "{text}"
     );
     let stall = text.split("## Commit stall").nth(1).unwrap();
+    let stall = stall.split("\n## ").next().unwrap();
     let rows = stall
         .lines()
         .filter(|l| l.starts_with("| ") && l[2..].starts_with(|c: char| c.is_ascii_digit()))
