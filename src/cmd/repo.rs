@@ -8,6 +8,7 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::SystemTime;
 
 use serde::Serialize;
 
@@ -599,25 +600,31 @@ pub fn prune(args: &PruneArgs) -> Result<()> {
             .flat_map(|s| s.places.into_values().map(|p| p.object))
             .collect())
     };
-    // Step 1: list what nothing refers to and no trash list names yet.
+    // Step 1: list what nothing refers to and no trash list names yet. The list is written
+    // even when empty: its time, by the store's clock, is the "now" that locks are judged by.
     let used = referenced(&repo)?;
     let trash = repo.trash()?;
     let listed: HashSet<&String> = trash.values().flat_map(|(t, _)| &t.objects).collect();
-    let mut sizes = HashMap::new();
+    let mut sizes: HashMap<String, u64> = HashMap::new();
     for prefix in [DATA, PACKS] {
-        for l in repo.store().list(prefix)? {
-            if !used.contains(&l.name) && !listed.contains(&l.name) {
-                sizes.insert(l.name, l.size);
-            }
-        }
+        sizes.extend(
+            repo.store()
+                .list(prefix)?
+                .into_iter()
+                .map(|l| (l.name, l.size)),
+        );
     }
-    if !sizes.is_empty() {
-        let name = format!("{TRASH}{}", crate::net::tls::random_hex(6)?);
-        let list = Trash {
-            created: crate::log::unix_now(),
-            objects: sizes.keys().cloned().collect(),
-        };
-        repo.put_json(&name, &list, true)?;
+    let list = Trash {
+        created: crate::log::unix_now(),
+        objects: sizes
+            .keys()
+            .filter(|o| !used.contains(*o) && !listed.contains(o))
+            .cloned()
+            .collect(),
+    };
+    let name = format!("{TRASH}{}", crate::net::tls::random_hex(8)?);
+    repo.put_json(&name, &list, true)?;
+    if !list.objects.is_empty() {
         info!(
             "{} unreferenced object(s) listed in {name}",
             list.objects.len()
@@ -626,27 +633,17 @@ pub fn prune(args: &PruneArgs) -> Result<()> {
     // Step 2: delete the lists every running backup has seen. The lists are read first,
     // then the locks, then the snapshots: a list a backup did not see was written after
     // it started, so its lock is there; a backup whose lock is gone has committed its
-    // snapshot by then. A lock is live by the store's clock: the newest list's time.
+    // snapshot by then. Locks are judged by the store's clock: this run's list's time.
     let trash = repo.trash()?;
-    let Some(now) = trash.values().map(|(_, written)| *written).max() else {
-        info!("Nothing to prune; completed OK!");
-        return Ok(());
-    };
+    let now = trash
+        .get(&name)
+        .map_or(SystemTime::now(), |(_, written)| *written);
     let locks = repo.live_locks(now)?;
     let used = referenced(&repo)?;
     let (mut deleted, mut freed, mut deferred) = (0u64, 0u64, 0usize);
-    let mut all_sizes: HashMap<String, u64> = HashMap::new();
-    for prefix in [DATA, PACKS] {
-        all_sizes.extend(
-            repo.store()
-                .list(prefix)?
-                .into_iter()
-                .map(|l| (l.name, l.size)),
-        );
-    }
     for (name, (list, _)) in trash {
         if !locks.values().all(|l| l.seen_trash.contains(&name)) {
-            deferred += 1;
+            deferred += usize::from(!list.objects.is_empty());
             continue;
         }
         for object in &list.objects {
@@ -655,7 +652,7 @@ pub fn prune(args: &PruneArgs) -> Result<()> {
             }
             repo.store().delete(object)?;
             deleted += 1;
-            freed += all_sizes.get(object).copied().unwrap_or(0);
+            freed += sizes.get(object).copied().unwrap_or(0);
         }
         repo.store().delete(&name)?;
     }

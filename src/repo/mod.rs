@@ -426,6 +426,8 @@ impl Repo {
         for listed in self.store.list(LOCKS)? {
             let age = now.duration_since(listed.modified).unwrap_or_default();
             if age >= LOCK_STALE {
+                // A backup that died. One merely paused refuses to commit when it wakes.
+                self.store.delete(&listed.name)?;
                 continue;
             }
             if let Some(lock) = self.get_json::<Lock>(&listed.name)? {
