@@ -21,7 +21,7 @@ use crate::format::manifest::FileRecord;
 use crate::log::human;
 use crate::pipeline::compress::StreamDecoder;
 use crate::repo::crypto::{Opener, SEGMENT};
-use crate::repo::{Place, Repo, Snapshot, Trash, DATA, PACKS, SNAPSHOTS, TRASH};
+use crate::repo::{Place, Repo, Snapshot, Trash, SNAPSHOTS, TRASH};
 use crate::restore::{self, Mode};
 use crate::{error, info};
 
@@ -392,15 +392,7 @@ pub fn verify(args: &RepoArgs, snapshot: Option<&str>, read_data: bool, json: bo
         Some(id) => vec![repo.snapshot(id, None)?],
         None => repo.snapshots()?,
     };
-    let mut sizes: HashMap<String, u64> = HashMap::new();
-    for prefix in [DATA, PACKS] {
-        sizes.extend(
-            repo.store()
-                .list(prefix)?
-                .into_iter()
-                .map(|l| (l.name, l.size)),
-        );
-    }
+    let sizes = repo.objects()?;
     #[derive(Serialize)]
     struct Problem {
         snapshot: String,
@@ -605,15 +597,7 @@ pub fn prune(args: &PruneArgs) -> Result<()> {
     let used = referenced(&repo)?;
     let trash = repo.trash()?;
     let listed: HashSet<&String> = trash.values().flat_map(|(t, _)| &t.objects).collect();
-    let mut sizes: HashMap<String, u64> = HashMap::new();
-    for prefix in [DATA, PACKS] {
-        sizes.extend(
-            repo.store()
-                .list(prefix)?
-                .into_iter()
-                .map(|l| (l.name, l.size)),
-        );
-    }
+    let sizes = repo.objects()?;
     let list = Trash {
         created: crate::log::unix_now(),
         objects: sizes

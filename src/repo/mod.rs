@@ -407,6 +407,20 @@ impl Repo {
         Ok(Some((record, place)))
     }
 
+    /// Every data and pack object, with its size.
+    pub fn objects(&self) -> Result<HashMap<String, u64>> {
+        let mut out = HashMap::new();
+        for prefix in [DATA, PACKS] {
+            out.extend(
+                self.store
+                    .list(prefix)?
+                    .into_iter()
+                    .map(|l| (l.name, l.size)),
+            );
+        }
+        Ok(out)
+    }
+
     /// The trash lists, by name, with when the store wrote each (its own clock).
     pub fn trash(&self) -> Result<BTreeMap<String, (Trash, SystemTime)>> {
         let mut out = BTreeMap::new();

@@ -364,11 +364,8 @@ impl Sink for RepoSink {
         // prune that took this backup for dead would otherwise leave a snapshot that cannot
         // restore.
         self.lock_held.lock().expect("not poisoned").check()?;
-        let mut present = HashSet::new();
-        for prefix in [DATA, PACKS] {
-            present.extend(self.repo.store().list(prefix)?.into_iter().map(|l| l.name));
-        }
-        if let Some(gone) = places.values().find(|p| !present.contains(&p.object)) {
+        let present = self.repo.objects()?;
+        if let Some(gone) = places.values().find(|p| !present.contains_key(&p.object)) {
             return Err(Error::Store(format!(
                 "{}, which this backup uses, was deleted meanwhile; no snapshot was written: run the backup again",
                 gone.object

@@ -297,7 +297,7 @@ fn two_servers_back_up_at_once_and_a_prune_during_a_backup_keeps_every_snapshot_
     repo.restore_and_replicate(&b2, &latest_of_b, &tmp.path().join("b2"), &b);
 }
 
-/// Waits until the backup stored at least one SST in the repository, then kills it.
+/// Waits until the backup stored four SSTs in the repository, then kills it.
 fn kill_mid_upload(child: Child, repo_dir: Option<&Path>) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -305,7 +305,9 @@ fn kill_mid_upload(child: Child, repo_dir: Option<&Path>) {
         let uploaded = repo_dir.is_none_or(|d| {
             crate::common::walk(&d.join("data"))
                 .iter()
-                .any(|f| !f.contains(".partial-"))
+                .filter(|f| !f.contains(".partial-"))
+                .count()
+                >= 4
         });
         if uploaded || Instant::now() > deadline {
             break;
@@ -324,9 +326,11 @@ fn a_killed_backup_leaves_no_snapshot_and_its_rerun_uploads_only_what_is_missing
     repo.ok(&["repo", "init"]);
     let source = server();
     load_bank(&source, 60_000);
-    source.exec("SET GLOBAL rocksdb_force_flush_memtable_now = 1");
-    // A second, small SST, stored before the large one. (Not more: four files in level 0
-    // would start a compaction that replaces them all.)
+    // Settled, then one small SST more: no compaction replaces files between the killed
+    // run and its rerun (four files in level 0 would start one).
+    source.exec(
+        "SET GLOBAL rocksdb_force_flush_memtable_now = 1; SET GLOBAL rocksdb_compact_cf = 'default'",
+    );
     churn(&source, 60_000, 5);
     let child = repo
         .backup_cmd(&source, &["--avg-mbytes-per-sec", "8", "--parallel", "2"])
@@ -344,7 +348,7 @@ fn a_killed_backup_leaves_no_snapshot_and_its_rerun_uploads_only_what_is_missing
     let new = report["repository"]["bytes_new"].as_u64().unwrap();
     eprintln!("rerun: {reused} bytes reused, {new} bytes uploaded");
     assert!(
-        reused > 0,
+        reused > 2 << 20,
         "the rerun reuses what the killed run uploaded: {report}"
     );
     repo.ok(&["verify", "--read-data"]);
