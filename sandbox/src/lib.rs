@@ -42,6 +42,17 @@ pub struct Server {
     child: Child,
 }
 
+/// Makes a child started by `cmd` die with the thread that starts it: a killed test
+/// leaves no server, sshd or store behind.
+pub fn die_with_parent(cmd: &mut Command) {
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
 /// Finds a server binary, or panics with the install command.
 pub fn binary(name: &str) -> PathBuf {
     for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
@@ -172,13 +183,7 @@ impl Server {
         if is_root() {
             cmd.arg("--user=root");
         }
-        // If the test process dies, the server dies with it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let child = cmd.spawn().expect("cannot start mariadbd");
         let mut server = Server {
             home,
