@@ -148,6 +148,7 @@ impl LegacyArgs {
             interval: self.interval,
             datadir: self.datadir,
             lock_wait_timeout: 60,
+            innodb: super::InnodbMode::Logical,
             skip_innodb_tables: false,
             skip_check_frm_timestamp: self.skip_check_frm_timestamp,
             debug_signal_file: self.debug_signal_file,

@@ -319,8 +319,12 @@ pub struct BackupArgs {
     #[arg(long, value_name = "SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub lock_wait_timeout: u64,
-    /// Back up although user tables use InnoDB: leave them out and list them in the manifest
-    #[arg(long)]
+    /// InnoDB user tables: read them from the consistent point into the backup (logical),
+    /// refuse to back the server up (refuse), or leave them out, listed in the manifest (skip)
+    #[arg(long, value_enum, value_name = "MODE", default_value = "logical")]
+    pub innodb: InnodbMode,
+    /// The same as --innodb=skip
+    #[arg(long, conflicts_with = "innodb")]
     pub skip_innodb_tables: bool,
     /// Accepted for compatibility; BACKUP STAGE BLOCK_DDL already keeps .frm files consistent
     #[arg(short = 'f', long)]
@@ -434,8 +438,11 @@ pub struct CloneArgs {
     #[arg(short = 'i', long, value_name = "SECS", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub interval: u64,
-    /// Back up although user tables use InnoDB: leave them out
-    #[arg(long)]
+    /// InnoDB user tables: logical (copied and loaded), refuse, or skip (left out)
+    #[arg(long, value_enum, value_name = "MODE", default_value = "logical")]
+    pub innodb: InnodbMode,
+    /// The same as --innodb=skip
+    #[arg(long, conflicts_with = "innodb")]
     pub skip_innodb_tables: bool,
     /// Print help
     #[arg(long, action = ArgAction::Help)]
@@ -483,6 +490,7 @@ impl CloneArgs {
             interval: self.interval,
             datadir: self.source_datadir,
             lock_wait_timeout: 60,
+            innodb: self.innodb,
             skip_innodb_tables: self.skip_innodb_tables,
             skip_check_frm_timestamp: false,
             debug_signal_file: None,
@@ -517,6 +525,26 @@ pub struct RestoreArgs {
     /// command that re-creates the mysql schema's InnoDB tables on the database host
     #[arg(long)]
     pub skip_bootstrap: bool,
+}
+
+/// What a backup does with InnoDB tables outside the `mysql` schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InnodbMode {
+    /// Read them from the consistent snapshot; the restore loads them
+    Logical,
+    /// Refuse to back up a server that has any
+    Refuse,
+    /// Leave them out (the manifest lists them)
+    Skip,
+}
+
+impl BackupArgs {
+    pub fn innodb_mode(&self) -> InnodbMode {
+        match self.skip_innodb_tables {
+            true => InnodbMode::Skip,
+            false => self.innodb,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

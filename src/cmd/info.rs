@@ -130,6 +130,7 @@ impl Summary {
             Kind::RocksdbMeta,
             Kind::TableDef,
             Kind::TableData,
+            Kind::Logical,
             Kind::Metadata,
             Kind::Unknown,
         ];

@@ -30,25 +30,29 @@
 mod aside;
 mod checkpoint;
 mod datadir;
+mod logical;
 pub mod sst;
 mod wal;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::cancel::Cancel;
-use crate::cli::BackupArgs;
+use crate::cli::{BackupArgs, InnodbMode};
 use crate::error::{Error, IoContext, Result};
 use crate::format::layout::{BINLOG_INFO_NAME, INNODB_SQL_NAME, ROCKSDB_DIR, SLAVE_INFO_NAME};
+use crate::format::logical::Logical;
 use crate::format::manifest::{Kind, Manifest};
 use crate::log::human;
 use crate::pipeline::progress::Progress;
 use crate::pipeline::{Item, Pipeline, Source};
-use crate::server::{credentials, BinlogPosition, ReplicaState, Server, ServerInfo};
+use crate::server::credentials::{self, Credentials};
+use crate::server::{BinlogPosition, ReplicaState, Server, ServerInfo};
 use crate::{info, warn};
 use aside::Aside;
 use checkpoint::CheckpointArea;
@@ -79,6 +83,9 @@ pub struct BackupInfo {
     pub innodb_system_tables: Vec<String>,
     /// User InnoDB tables left out (with --skip-innodb-tables).
     pub skipped_innodb_tables: Vec<String>,
+    /// User InnoDB tables read from the consistent snapshot (with --innodb=logical).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub innodb_logical: Option<Logical>,
     /// SSTs sent in earlier rounds that compaction removed before the final checkpoint:
     /// in the backup, but not part of the database (a restore leaves them behind).
     pub obsolete_sst: Vec<String>,
@@ -158,7 +165,7 @@ fn backup(
     ];
     // Fail now, not after hours of rounds, if InnoDB user tables make the backup impossible.
     let sel = datadir::select(&info.datadir, &skip, info.innodb)?;
-    check_innodb(&sel.innodb_user_tables, args.skip_innodb_tables)?;
+    check_innodb(&sel.innodb_user_tables, args.innodb_mode())?;
     for table in &sel.innodb_system_tables {
         server.create_table_sql("mysql", table)?;
     }
@@ -190,12 +197,12 @@ fn backup(
 
     server.backup_stage("START", args.lock_wait_timeout)?;
     let aside = copy_logs_early(&area, &info)?;
-    let consistent = job.consistent_point(&mut server, &area, &info, &skip, args, aside);
+    let consistent = job.consistent_point(&mut server, &creds, &area, &info, &skip, args, aside);
     // On error the stage is released below; a failed statement does not end it.
     if consistent.is_err() {
         server.release_stage();
     }
-    let point = consistent?;
+    let mut point = consistent?;
     info!(
         "Consistent point: commits were blocked for {:.1} ms, DDL for {:.1} ms; binary log {}",
         point.commit_stall_ms,
@@ -206,15 +213,44 @@ fn backup(
         ))
     );
 
-    let obsolete_sst = job.send_final(&point, &area)?;
-    info!("Taking MySQL misc backups..");
-    let aside_files = point.aside.files().into_iter();
-    job.send_all(
-        aside_files
-            .map(|f| Item::file(f.name, Kind::TableData, f.source))
-            .collect(),
-    )?;
-    info!("MySQL misc backups done.");
+    // The InnoDB tables are read while the RocksDB files are sent.
+    let reading = point.logical.take();
+    let spool = match &reading {
+        Some(_) => Some(area.scratch_dir("innodb")?),
+        None => None,
+    };
+    let stop = AtomicBool::new(false);
+    let (obsolete_sst, logical) = std::thread::scope(|s| -> Result<_> {
+        let dump = reading.map(|(plan, snapshots)| {
+            let (spool, area, stop) = (spool.as_deref().expect("made"), &area, &stop);
+            s.spawn(move || snapshots.dump(plan, spool, &|| area.check_space(), stop))
+        });
+        let sent = job.send_final(&point, &area).and_then(|obsolete| {
+            info!("Taking MySQL misc backups..");
+            let aside_files = point.aside.files().into_iter();
+            job.send_all(
+                aside_files
+                    .map(|f| Item::file(f.name, Kind::TableData, f.source))
+                    .collect(),
+            )?;
+            info!("MySQL misc backups done.");
+            Ok(obsolete)
+        });
+        if sent.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        let dumped = dump
+            .map(|d| d.join().expect("the InnoDB reader panicked"))
+            .transpose();
+        Ok((sent?, dumped?))
+    })?;
+    let logical = match logical {
+        Some((logical, files)) => {
+            job.send_logical(files)?;
+            Some(logical)
+        }
+        None => None,
+    };
     let mut extra: Vec<(&str, Vec<u8>)> = Vec::new();
     match &point.binlog {
         Some(b) => extra.push((
@@ -250,6 +286,7 @@ fn backup(
         rounds,
         innodb_system_tables: point.innodb_system_tables,
         skipped_innodb_tables: point.skipped_innodb_tables,
+        innodb_logical: logical,
         obsolete_sst,
     };
     let manifest = job.pipeline.commit(backup)?;
@@ -375,13 +412,13 @@ fn locate_datadir(args: &BackupArgs, info: &mut ServerInfo) -> Result<()> {
     Ok(())
 }
 
-fn check_innodb(user_tables: &[String], skip: bool) -> Result<()> {
-    if user_tables.is_empty() || skip {
+fn check_innodb(user_tables: &[String], mode: InnodbMode) -> Result<()> {
+    if user_tables.is_empty() || mode != InnodbMode::Refuse {
         return Ok(());
     }
     Err(Error::Refused(format!(
-        "these tables use InnoDB, which a MyRocks backup does not copy: {}. \
-         Convert them to RocksDB, back them up with mariabackup, or pass --skip-innodb-tables \
+        "these tables use InnoDB (--innodb=refuse): {}. Convert them to RocksDB, pass \
+         --innodb=logical to copy their rows from the consistent point, or --skip-innodb-tables \
          to leave them out (the manifest then lists them)",
         user_tables.join(", ")
     )))
@@ -401,6 +438,8 @@ struct ConsistentPoint {
     innodb_sql: String,
     innodb_system_tables: Vec<String>,
     skipped_innodb_tables: Vec<String>,
+    /// The InnoDB user tables to read, and the connections holding their snapshots.
+    logical: Option<(logical::Plan, logical::Snapshots)>,
 }
 
 /// The state of one backup run.
@@ -458,6 +497,23 @@ impl Job<'_> {
             }
         }
         Ok((files, bytes))
+    }
+
+    /// Sends the InnoDB tables' data files (each removed once sent).
+    fn send_logical(&mut self, files: Vec<(String, PathBuf)>) -> Result<()> {
+        let sizes = files.iter().filter_map(|(_, p)| fs::metadata(p).ok());
+        self.other_bytes += sizes.map(|md| md.len()).sum::<u64>();
+        self.set_total(0);
+        let items = files.into_iter().map(|(name, path)| Item {
+            name,
+            kind: Kind::Logical,
+            source: Source::File {
+                path,
+                len: None,
+                unlink: true,
+            },
+        });
+        self.send_all(items.collect())
     }
 
     /// Tells the progress display what the whole backup will read, as known now.
@@ -545,9 +601,11 @@ impl Job<'_> {
     }
 
     /// BACKUP STAGE from FLUSH to END (START already taken). The caller ends the stage on error.
+    #[allow(clippy::too_many_arguments)]
     fn consistent_point(
         &mut self,
         server: &mut Server,
+        creds: &Credentials,
         area: &CheckpointArea,
         info: &ServerInfo,
         skip: &[&Path],
@@ -560,7 +618,16 @@ impl Job<'_> {
         let ddl_blocked = Instant::now();
         server.backup_stage("BLOCK_DDL", timeout)?;
         let sel = datadir::select(&info.datadir, skip, info.innodb)?;
-        check_innodb(&sel.innodb_user_tables, args.skip_innodb_tables)?;
+        let mode = args.innodb_mode();
+        check_innodb(&sel.innodb_user_tables, mode)?;
+        let mut logical = match mode {
+            InnodbMode::Logical if !sel.innodb_user_tables.is_empty() => {
+                let plan = logical::plan(server)?;
+                let snapshots = logical::Snapshots::connect(creds, plan.len(), &self.cancel)?;
+                Some((plan, snapshots))
+            }
+            _ => None,
+        };
         let mut innodb_sql = String::new();
         for table in &sel.innodb_system_tables {
             innodb_sql.push_str(&format!("{};\n", server.create_table_sql("mysql", table)?));
@@ -640,6 +707,11 @@ impl Job<'_> {
             let binlog = server.binlog_position()?;
             let replica = server.replica_state()?;
             steps.push(("coordinates", step.elapsed()));
+            if let Some((_, snapshots)) = &mut logical {
+                let step = Instant::now();
+                snapshots.start()?;
+                steps.push(("InnoDB snapshots", step.elapsed()));
+            }
             Ok((binlog, replica, pins))
         })();
         server.backup_stage("END", timeout)?;
@@ -659,6 +731,9 @@ impl Job<'_> {
             fs::remove_dir_all(&pin_dir).with_path("remove", &pin_dir)?;
         }
         let (binlog, replica, pins) = blocked?;
+        if let Some((_, snapshots)) = &mut logical {
+            snapshots.check(binlog.as_ref())?;
+        }
         aside.finish()?;
         let wal = match pins {
             Some(pins) => pins.files(),
@@ -683,7 +758,11 @@ impl Job<'_> {
             ddl_block_ms,
             innodb_sql,
             innodb_system_tables: sel.innodb_system_tables,
-            skipped_innodb_tables: sel.innodb_user_tables,
+            skipped_innodb_tables: match mode {
+                InnodbMode::Skip => sel.innodb_user_tables,
+                _ => Vec::new(),
+            },
+            logical,
         })
     }
 

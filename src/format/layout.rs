@@ -15,5 +15,7 @@ pub const SLAVE_INFO_NAME: &str = "xtrabackup_slave_info";
 /// `SHOW CREATE TABLE` of the InnoDB tables in `mysql`, and the rows of
 /// `mysql.gtid_slave_pos`: run at restore, with `USE mysql` first.
 pub const INNODB_SQL_NAME: &str = "myrocks_hotbackup_innodb.sql";
+/// The rows of the InnoDB user tables, one file per table (see `format::logical`).
+pub const INNODB_DIR: &str = "#innodb";
 /// The suffix of a file stored compressed with zstd, as xtrabackup names them.
 pub const ZSTD_SUFFIX: &str = ".zst";

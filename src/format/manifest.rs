@@ -64,6 +64,9 @@ pub enum Kind {
     TableDef,
     /// The data and index files of non-RocksDB tables, the Aria log.
     TableData,
+    /// The rows of an InnoDB table, read from the consistent snapshot and compressed by
+    /// the backup (never compressed again).
+    Logical,
     /// Files the backup writes itself: coordinates, the marker, SQL for the restore.
     Metadata,
     /// A manifest of format 1 does not say.
@@ -79,6 +82,7 @@ impl Kind {
             Kind::RocksdbMeta => "rocksdb_meta",
             Kind::TableDef => "table_def",
             Kind::TableData => "table_data",
+            Kind::Logical => "logical",
             Kind::Metadata => "metadata",
             Kind::Unknown => "unknown",
         }

@@ -5,6 +5,7 @@
 //! `restore::extract`.
 
 pub mod layout;
+pub mod logical;
 pub mod manifest;
 pub mod tar;
 pub mod xbstream;

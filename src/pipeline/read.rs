@@ -38,9 +38,9 @@ pub fn store(item: Item, ctx: &Ctx) -> Result<FileRecord> {
 /// Whether a file of this kind is compressed. The backup's own small files stay readable:
 /// scripts read `xtrabackup_binlog_info` where it lies.
 fn compressed(kind: Kind, ctx: &Ctx) -> bool {
-    ctx.compress
-        .as_ref()
-        .is_some_and(|c| kind != Kind::Metadata && (c.ssts || kind != Kind::Sst))
+    ctx.compress.as_ref().is_some_and(|c| {
+        kind != Kind::Metadata && kind != Kind::Logical && (c.ssts || kind != Kind::Sst)
+    })
 }
 
 fn store_file(

@@ -13,10 +13,12 @@
 
 pub mod backup_dir;
 pub mod extract;
+mod logical;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::{ErrorKind, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -24,13 +26,16 @@ use crate::cancel::Cancel;
 use crate::cli::RestoreArgs;
 use crate::error::{Error, IoContext, Result};
 use crate::format::layout::{
-    BEGIN_NAME, BINLOG_INFO_NAME, INNODB_SQL_NAME, MANIFEST_NAME, ROCKSDB_DIR, ZSTD_SUFFIX,
+    BEGIN_NAME, BINLOG_INFO_NAME, INNODB_DIR, INNODB_SQL_NAME, MANIFEST_NAME, ROCKSDB_DIR,
+    ZSTD_SUFFIX,
 };
+use crate::format::logical::Logical;
 use crate::format::manifest::Original;
 use crate::log::human;
 use crate::pipeline::compress;
 use crate::{info, warn};
 use backup_dir::BackupDir;
+use serde::Deserialize;
 
 /// The files of a backup stored compressed, with what they must decode to.
 type Decode = HashMap<PathBuf, Original>;
@@ -42,7 +47,17 @@ pub enum Mode {
 }
 
 /// Names at the backup's top level that describe the backup and stay with it.
-const METADATA: &[&str] = &[BEGIN_NAME, MANIFEST_NAME, INNODB_SQL_NAME, BINLOG_INFO_NAME];
+const METADATA: &[&str] = &[
+    BEGIN_NAME,
+    MANIFEST_NAME,
+    INNODB_SQL_NAME,
+    BINLOG_INFO_NAME,
+    INNODB_DIR,
+];
+/// Where a restore run with --skip-bootstrap leaves the InnoDB tables' rows, in the datadir.
+const UNPACKED_DIR: &str = "myrocks_hotbackup_innodb";
+/// Where the bootstrap's named pipes go, in the datadir, while it runs.
+const PIPES_DIR: &str = "#myrocks_hotbackup_load";
 
 pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
     let backup = &args.backup_dir;
@@ -55,14 +70,14 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
         .rocksdb_waldir
         .clone()
         .unwrap_or_else(|| rocksdb_dir.clone());
-    let (obsolete, decode) = check_complete(backup, cancel)?;
+    let (obsolete, decode, logical) = check_complete(backup, cancel)?;
     let plan = plan(backup, &datadir, &rocksdb_dir, &wal_dir, &obsolete, &decode)?;
     for target in [&datadir, &rocksdb_dir, &wal_dir] {
         check_empty(target)?;
     }
     let innodb_sql = match fs::read_to_string(backup.join(INNODB_SQL_NAME)) {
         Ok(sql) => Some(sql),
-        Err(e) if e.kind() == ErrorKind::NotFound => None,
+        Err(e) if e.kind() == ErrorKind::NotFound => logical.as_ref().map(|_| String::new()),
         Err(e) => return Err(Error::io(format!("cannot read {INNODB_SQL_NAME}"), e)),
     };
     let mariadbd = match (&innodb_sql, args.skip_bootstrap) {
@@ -97,16 +112,30 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
         match (&innodb_sql, &mariadbd) {
             (Some(sql), Some(mariadbd)) => {
                 let before = listing(&datadir);
-                let booted =
-                    bootstrap_innodb(mariadbd, args.defaults_file.as_deref(), &datadir, sql);
+                let script = format!("USE mysql;\n{sql}");
+                let defaults = args.defaults_file.as_deref();
+                let booted = match &logical {
+                    Some(l) => {
+                        bootstrap_with_tables(mariadbd, defaults, &datadir, script, backup, l)
+                    }
+                    None => bootstrap_innodb(mariadbd, defaults, &datadir, &script),
+                };
                 undo.created
                     .extend(listing(&datadir).difference(&before).cloned());
                 booted?;
             }
             (Some(sql), None) => {
+                let mut text = format!("USE mysql;\n{sql}");
+                if let Some(l) = &logical {
+                    let dir = datadir.join(UNPACKED_DIR);
+                    undo.created.push(dir.clone());
+                    fs::create_dir(&dir).with_path("create", &dir)?;
+                    let names = logical::unpack(backup, l, &dir, UNPACKED_DIR)?;
+                    text.push_str(&logical::script(l, |i| names[i].clone()));
+                }
                 let script = datadir.join(INNODB_SQL_NAME);
                 undo.created.push(script.clone());
-                fs::write(&script, format!("USE mysql;\n{sql}")).with_path("write", &script)?;
+                fs::write(&script, text).with_path("write", &script)?;
             }
             _ => {}
         }
@@ -160,10 +189,19 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
             .collect();
         let script = shell_quote(&datadir.join(INNODB_SQL_NAME).to_string_lossy());
         let d = shell_quote(&datadir.to_string_lossy());
+        let (what, unpacked) = match &logical {
+            Some(_) => (
+                "The InnoDB tables (of the mysql schema and the backup's own) are",
+                format!(
+                    " {}",
+                    shell_quote(&datadir.join(UNPACKED_DIR).to_string_lossy())
+                ),
+            ),
+            None => ("The InnoDB tables of the mysql schema are", String::new()),
+        };
         warn!(
-            "The InnoDB tables of the mysql schema are not re-created yet (--skip-bootstrap). Before the \
-             first start, on the database host, as root, run: chown -R mysql:mysql {d} && \
-             mariadbd {} --user=mysql < {script} && rm {script}",
+            "{what} not re-created yet (--skip-bootstrap). Before the first start, on the database host, \
+             as root, run: chown -R mysql:mysql {d} && mariadbd {} --user=mysql < {script} && rm -r {script}{unpacked}",
             args.join(" ")
         );
     }
@@ -174,8 +212,12 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
 
 /// Refuses a backup whose files do not match its manifest (mbstream skips files silently;
 /// a disk may flip a bit). Returns the obsolete SSTs the manifest lists (sent in early
-/// rounds, compacted away since), and the files stored compressed, to decode.
-fn check_complete(backup: &Path, cancel: &Cancel) -> Result<(HashSet<String>, Decode)> {
+/// rounds, compacted away since), the files stored compressed, to decode, and the InnoDB
+/// user tables to load.
+fn check_complete(
+    backup: &Path,
+    cancel: &Cancel,
+) -> Result<(HashSet<String>, Decode, Option<Logical>)> {
     let dir = BackupDir::open(backup)?;
     if dir.is_original_tools() {
         return Ok(Default::default()); // nothing to check against
@@ -215,7 +257,15 @@ fn check_complete(backup: &Path, cancel: &Cancel) -> Result<(HashSet<String>, De
         .filter(|f| dir.files.contains_key(&f.path))
         .filter_map(|f| Some((backup.join(&f.path), f.original.clone()?)))
         .collect();
-    Ok((obsolete, decode))
+    let logical = match manifest.backup.get("innodb_logical") {
+        Some(v) if !v.is_null() => Some(Logical::deserialize(v).map_err(|e| {
+            Error::Corrupt(format!(
+                "the manifest's innodb_logical is not readable: {e}"
+            ))
+        })?),
+        _ => None,
+    };
+    Ok((obsolete, decode, logical))
 }
 
 /// Where every entry of the backup goes.
@@ -423,6 +473,39 @@ fn bootstrap_innodb(
         )));
     }
     info!("Re-created the InnoDB tables of the mysql schema with mariadbd --bootstrap");
+    Ok(())
+}
+
+/// The bootstrap, loading the backup's InnoDB user tables after the mysql schema's.
+fn bootstrap_with_tables(
+    mariadbd: &Path,
+    defaults_file: Option<&Path>,
+    datadir: &Path,
+    mut script: String,
+    backup: &Path,
+    tables: &Logical,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let dir = datadir.join(PIPES_DIR);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_path("create", &dir)?;
+    let booted = logical::Pipes::feed(backup, tables, &dir).and_then(|pipes| {
+        script.push_str(&logical::script(tables, |i| pipes.paths[i].clone()));
+        let booted = bootstrap_innodb(mariadbd, defaults_file, datadir, &script);
+        // What the feeding found (a damaged file) says more than the bootstrap's failure.
+        pipes.finish().and(booted)
+    });
+    let _ = fs::remove_dir_all(&dir);
+    booted?;
+    let rows: u64 = tables.tables.iter().map(|t| t.rows).sum();
+    info!(
+        "Loaded {} InnoDB tables ({rows} rows, {}) in {:.1} s",
+        tables.tables.len(),
+        human(tables.tables.iter().map(|t| t.bytes).sum()),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -14,6 +14,7 @@ pub mod credentials;
 
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
+use crate::format::logical::ident;
 use crate::server::credentials::{Credentials, Endpoint};
 use crate::{info, warn};
 
@@ -241,6 +242,42 @@ impl Server {
             .map_err(|e| Server::fail(sql, e))
     }
 
+    /// The rows of a query, each read as `T`.
+    pub fn rows<T: mysql::prelude::FromRow>(
+        &mut self,
+        sql: &str,
+        params: impl Into<mysql::Params>,
+    ) -> Result<Vec<T>> {
+        self.guarded(|c| c.exec(sql, params))
+            .map_err(|e| Server::fail(sql, e))
+    }
+
+    /// Streams the rows of a query to `f`, as values of their types (the binary protocol).
+    /// When `f` fails the rest of the result is not read: the connection is left unusable.
+    pub fn for_each_row(
+        &mut self,
+        sql: &str,
+        mut f: impl FnMut(&[mysql::Value]) -> Result<()>,
+    ) -> Result<()> {
+        let mut failed = None;
+        let read = self.guarded(|c| {
+            let mut result = c.exec_iter(sql, ())?;
+            for row in result.by_ref() {
+                if let Err(e) = f(&row?.unwrap()) {
+                    failed = Some(e);
+                    // Dropping the result would read every remaining row first.
+                    std::mem::forget(result);
+                    break;
+                }
+            }
+            Ok(())
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => read.map_err(|e| Server::fail(sql, e)),
+        }
+    }
+
     fn value(&mut self, sql: &str) -> Result<Option<String>> {
         let row: Option<Option<String>> = self
             .guarded(|c| c.query_first(sql))
@@ -399,7 +436,12 @@ impl Server {
 
     /// `SHOW CREATE TABLE` of `db`.`table`.
     pub fn create_table_sql(&mut self, db: &str, table: &str) -> Result<String> {
-        let sql = format!("SHOW CREATE TABLE {}.{}", ident(db), ident(table));
+        self.show_create("TABLE", db, table)
+    }
+
+    /// `SHOW CREATE TABLE|SEQUENCE` of `db`.`name`.
+    pub fn show_create(&mut self, what: &str, db: &str, name: &str) -> Result<String> {
+        let sql = format!("SHOW CREATE {what} {}.{}", ident(db), ident(name));
         let row: Option<(String, String)> = self
             .guarded(|c| c.query_first(&sql))
             .map_err(|e| Server::fail(&sql, e))?;
@@ -429,11 +471,6 @@ impl Server {
             gtid_current_pos,
         }))
     }
-}
-
-/// A quoted SQL identifier (backticks mean the same in every sql_mode).
-fn ident(s: &str) -> String {
-    format!("`{}`", s.replace('`', "``"))
 }
 
 /// Removes `.` components and trailing slashes (the server reports `/var/lib/mysql/./#rocksdb`).
