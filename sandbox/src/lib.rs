@@ -289,12 +289,13 @@ impl Server {
         tables
             .into_iter()
             .map(|t| {
+                let name = format!("`{db}`.`{}`", t.replace('`', "``"));
                 let sum: (String, Option<u64>) = conn
-                    .query_first(format!("CHECKSUM TABLE `{db}`.`{t}`"))
+                    .query_first(format!("CHECKSUM TABLE {name}"))
                     .unwrap()
                     .unwrap();
                 let count: u64 = conn
-                    .query_first(format!("SELECT COUNT(*) FROM `{db}`.`{t}`"))
+                    .query_first(format!("SELECT COUNT(*) FROM {name}"))
                     .unwrap()
                     .unwrap();
                 (t, (sum.1.unwrap_or(0), count))

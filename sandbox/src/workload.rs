@@ -59,32 +59,136 @@ pub struct Load {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// One transfer of the bank: from account `lo` to `hi`, by writer `w`.
+fn bank_transfer(w: u64, lo: u64, hi: u64) -> String {
+    format!(
+        "START TRANSACTION;
+         UPDATE accounts SET balance = balance - 1 WHERE id = {lo};
+         UPDATE accounts SET balance = balance + 1 WHERE id = {hi};
+         INSERT INTO ledger (src, dst, writer, note) VALUES ({lo}, {hi}, {w}, REPEAT('x', 150));
+         UPDATE counters SET n = n + 1 WHERE writer = {w};
+         COMMIT"
+    )
+}
+
+/// Creates the `mixed` database, a bank whose accounts live half in RocksDB
+/// (`rocks_accounts`, ids 1 to 1000) and half in InnoDB (`inno_accounts`, 1001 to 2000).
+/// InnoDB also holds a ledger with a foreign key to its accounts, whose trigger counts each
+/// writer's rows in `inno_totals`, and `filler_rows` rows of 500 random bytes.
+pub fn load_mixed_bank(server: &Server, filler_rows: u64) {
+    let half = ACCOUNTS / 2;
+    // One statement at a time: in one batch, the server takes the ledger for a RocksDB
+    // table (and refuses its foreign key).
+    let statements = format!(
+        "CREATE TABLE rocks_accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL) ENGINE=ROCKSDB;
+         CREATE TABLE rocks_counters (writer INT PRIMARY KEY, n BIGINT NOT NULL) ENGINE=ROCKSDB;
+         CREATE TABLE inno_accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL, owner VARCHAR(40) CHARACTER SET utf8mb4) ENGINE=InnoDB;
+         CREATE TABLE inno_ledger (id BIGINT AUTO_INCREMENT PRIMARY KEY, account INT NOT NULL, writer INT NOT NULL,
+           amount INT NOT NULL, at DATETIME(6) NOT NULL, KEY (writer),
+           FOREIGN KEY (account) REFERENCES inno_accounts (id)) ENGINE=InnoDB;
+         CREATE TABLE inno_totals (writer INT PRIMARY KEY, n BIGINT NOT NULL) ENGINE=InnoDB;
+         CREATE TRIGGER count_ledger AFTER INSERT ON inno_ledger FOR EACH ROW
+           UPDATE inno_totals SET n = n + 1 WHERE writer = NEW.writer;
+         CREATE TABLE inno_filler (id INT PRIMARY KEY, pad VARBINARY(600), KEY (pad(8))) ENGINE=InnoDB
+           PARTITION BY HASH (id) PARTITIONS 4;
+         INSERT INTO rocks_accounts SELECT seq, {INITIAL_BALANCE} FROM seq_1_to_{half};
+         INSERT INTO inno_accounts SELECT seq, {INITIAL_BALANCE}, CONCAT('ówner ', seq) FROM seq_{}_to_{ACCOUNTS};
+         INSERT INTO rocks_counters SELECT seq, 0 FROM seq_1_to_{WRITERS};
+         INSERT INTO inno_totals SELECT seq, 0 FROM seq_1_to_{WRITERS}",
+        half + 1
+    );
+    server.exec("CREATE DATABASE mixed");
+    for statement in statements.split(";\n") {
+        server.exec(&format!("USE mixed; {statement}"));
+    }
+    let mut conn = server.conn();
+    conn.query_drop("USE mixed").unwrap();
+    for start in (0..filler_rows).step_by(5000) {
+        let n = 5000.min(filler_rows - start);
+        conn.query_drop(format!(
+            "INSERT INTO inno_filler SELECT seq + {start}, RANDOM_BYTES(500) FROM seq_1_to_{n}"
+        ))
+        .unwrap();
+    }
+}
+
+/// One transfer of the mixed bank: between a RocksDB and an InnoDB account, with the
+/// InnoDB ledger row (and its trigger) and the RocksDB counter, in one transaction.
+fn mixed_transfer(w: u64, lo: u64, hi: u64) -> String {
+    let half = ACCOUNTS / 2;
+    let rocks = 1 + lo % half;
+    let inno = half + 1 + hi % half;
+    let amount = if (lo + hi) % 2 == 0 { 1 } else { -1 };
+    format!(
+        "START TRANSACTION;
+         UPDATE rocks_accounts SET balance = balance - ({amount}) WHERE id = {rocks};
+         UPDATE inno_accounts SET balance = balance + ({amount}) WHERE id = {inno};
+         INSERT INTO inno_ledger (account, writer, amount, at) VALUES ({inno}, {w}, {amount}, NOW(6));
+         UPDATE rocks_counters SET n = n + 1 WHERE writer = {w};
+         COMMIT"
+    )
+}
+
+/// Panics unless the mixed bank's invariants hold across both engines: every transfer
+/// whole on both sides, every ledger row counted by the trigger and by the RocksDB counter.
+pub fn assert_mixed_consistent(server: &Server) {
+    assert_eq!(
+        server.value(
+            "SELECT (SELECT SUM(balance) FROM mixed.rocks_accounts) + (SELECT SUM(balance) FROM mixed.inno_accounts)"
+        ),
+        (ACCOUNTS * INITIAL_BALANCE).to_string(),
+        "money appeared or vanished: a cross-engine transaction was copied in part"
+    );
+    for w in 1..=WRITERS {
+        let ledger = server.value(&format!(
+            "SELECT COUNT(*) FROM mixed.inno_ledger WHERE writer = {w}"
+        ));
+        assert_eq!(
+            ledger,
+            server.value(&format!(
+                "SELECT n FROM mixed.rocks_counters WHERE writer = {w}"
+            )),
+            "InnoDB's ledger and RocksDB's counters disagree: a transaction was copied in part"
+        );
+        assert_eq!(
+            ledger,
+            server.value(&format!(
+                "SELECT n FROM mixed.inno_totals WHERE writer = {w}"
+            )),
+            "the ledger and its trigger's totals disagree"
+        );
+    }
+}
+
 impl Load {
     pub fn start(server: &Server) -> Load {
+        Load::start_with(server, "bank", bank_transfer)
+    }
+
+    /// Writers on the mixed bank ([`load_mixed_bank`]).
+    pub fn start_mixed(server: &Server) -> Load {
+        Load::start_with(server, "mixed", mixed_transfer)
+    }
+
+    fn start_with(server: &Server, db: &str, transfer: fn(u64, u64, u64) -> String) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let commits = Arc::new(AtomicU64::new(0));
         let threads = (1..=WRITERS)
             .map(|w| {
                 let (stop, commits) = (stop.clone(), commits.clone());
-                let mut conn = mysql::Conn::new(server.opts("root").db_name(Some("bank"))).unwrap();
+                let mut conn = mysql::Conn::new(server.opts("root").db_name(Some(db))).unwrap();
                 std::thread::spawn(move || {
                     let mut i: u64 = w * 7919;
                     while !stop.load(Ordering::Relaxed) {
-                        i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        i = i
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
                         let (a, b) = (1 + (i >> 33) % ACCOUNTS, 1 + (i >> 13) % ACCOUNTS);
                         let (lo, hi) = (a.min(b), a.max(b));
                         if lo == hi {
                             continue;
                         }
-                        let sql = format!(
-                            "START TRANSACTION;
-                             UPDATE accounts SET balance = balance - 1 WHERE id = {lo};
-                             UPDATE accounts SET balance = balance + 1 WHERE id = {hi};
-                             INSERT INTO ledger (src, dst, writer, note) VALUES ({lo}, {hi}, {w}, REPEAT('x', 150));
-                             UPDATE counters SET n = n + 1 WHERE writer = {w};
-                             COMMIT"
-                        );
-                        match run_batch(&mut conn, &sql) {
+                        match run_batch(&mut conn, &transfer(w, lo, hi)) {
                             Ok(()) => {
                                 commits.fetch_add(1, Ordering::Relaxed);
                             }

@@ -50,7 +50,27 @@ pub struct Summary {
     pub stored_bytes: u64,
     pub compression_ratio: f64,
     pub kinds: BTreeMap<&'static str, KindTotals>,
+    /// InnoDB user tables read from the consistent snapshot (`--innodb=logical`).
+    pub innodb_tables: Vec<InnodbTable>,
+    /// InnoDB user tables left out (`--innodb=skip`).
+    pub skipped_innodb_tables: Vec<String>,
 }
+
+/// One InnoDB table copied logically.
+#[derive(Debug, Serialize)]
+pub struct InnodbTable {
+    /// `schema.table`.
+    pub table: String,
+    pub rows: u64,
+    /// Bytes of its rows as text, and as stored (compressed).
+    pub bytes: u64,
+    pub stored_bytes: u64,
+    /// Its data and indexes in InnoDB on the source.
+    pub size_on_server: u64,
+}
+
+/// Tables named one by one in `info`'s text; the JSON lists all.
+const LISTED_TABLES: usize = 20;
 
 impl Summary {
     pub fn of(manifest: &Manifest<Value>) -> Summary {
@@ -68,6 +88,36 @@ impl Summary {
         let bytes = kinds.values().map(|k| k.bytes).sum();
         let stored_bytes = kinds.values().map(|k| k.stored_bytes).sum();
         let text = |v: &Value| v.as_str().map(str::to_string);
+        let stored: BTreeMap<&str, u64> = manifest
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), f.size))
+            .collect();
+        let logical = b["innodb_logical"]["tables"].as_array();
+        let innodb_tables = logical
+            .into_iter()
+            .flatten()
+            .map(|t| InnodbTable {
+                table: format!(
+                    "{}.{}",
+                    t["schema"].as_str().unwrap_or_default(),
+                    t["name"].as_str().unwrap_or_default()
+                ),
+                rows: t["rows"].as_u64().unwrap_or_default(),
+                bytes: t["bytes"].as_u64().unwrap_or_default(),
+                stored_bytes: t["file"]
+                    .as_str()
+                    .and_then(|f| stored.get(f).copied())
+                    .unwrap_or_default(),
+                size_on_server: t["size_on_server"].as_u64().unwrap_or_default(),
+            })
+            .collect();
+        let skipped_innodb_tables = b["skipped_innodb_tables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(text)
+            .collect();
         Summary {
             complete: true,
             manifest_format: manifest.format,
@@ -89,6 +139,8 @@ impl Summary {
             stored_bytes,
             compression_ratio: ratio(bytes, stored_bytes),
             kinds,
+            innodb_tables,
+            skipped_innodb_tables,
         }
     }
 
@@ -119,6 +171,8 @@ impl Summary {
             stored_bytes: dir.files.values().sum(),
             compression_ratio: 1.0,
             kinds: BTreeMap::new(),
+            innodb_tables: Vec::new(),
+            skipped_innodb_tables: Vec::new(),
         }
     }
 
@@ -198,6 +252,44 @@ impl Summary {
                 human(k.bytes),
                 human(k.stored_bytes),
                 k.compression_ratio
+            );
+        }
+        self.print_innodb();
+    }
+
+    fn print_innodb(&self) {
+        if !self.innodb_tables.is_empty() {
+            let sum = |f: fn(&InnodbTable) -> u64| self.innodb_tables.iter().map(f).sum::<u64>();
+            println!(
+                "InnoDB tables:     {} copied logically: {} rows, {} as text, {} stored ({} in InnoDB on the server)",
+                self.innodb_tables.len(),
+                sum(|t| t.rows),
+                human(sum(|t| t.bytes)),
+                human(sum(|t| t.stored_bytes)),
+                human(sum(|t| t.size_on_server)),
+            );
+            let mut largest: Vec<&InnodbTable> = self.innodb_tables.iter().collect();
+            largest.sort_by_key(|t| std::cmp::Reverse(t.size_on_server));
+            for t in largest.iter().take(LISTED_TABLES) {
+                println!(
+                    "  {:<40} {:>12} rows {:>12} stored {:>12} on the server",
+                    t.table,
+                    t.rows,
+                    human(t.stored_bytes),
+                    human(t.size_on_server)
+                );
+            }
+            if largest.len() > LISTED_TABLES {
+                println!(
+                    "  ... and {} smaller tables (--json lists them all)",
+                    largest.len() - LISTED_TABLES
+                );
+            }
+        }
+        if !self.skipped_innodb_tables.is_empty() {
+            println!(
+                "InnoDB tables left out (--skip-innodb-tables): {}",
+                self.skipped_innodb_tables.join(", ")
             );
         }
     }

@@ -162,7 +162,7 @@ fn a_server_without_rocksdb_is_refused() {
 }
 
 #[test]
-fn innodb_user_tables_are_refused_unless_explicitly_skipped() {
+fn innodb_user_tables_are_refused_or_skipped_when_asked() {
     let server = server_with_backup_user();
     server.exec(
         "CREATE TABLE app.inno (id INT PRIMARY KEY) ENGINE=InnoDB; INSERT INTO app.inno VALUES (1);
@@ -172,7 +172,7 @@ fn innodb_user_tables_are_refused_unless_explicitly_skipped() {
     );
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = tmp.path().join("ckpt");
-    let out = backup_as(&server, &["-u", "root"], &[], &ckpt);
+    let out = backup_as(&server, &["-u", "root", "--innodb=refuse"], &[], &ckpt);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("app.inno") && stderr(&out).contains("--skip-innodb-tables"),
@@ -181,13 +181,22 @@ fn innodb_user_tables_are_refused_unless_explicitly_skipped() {
     );
     assert!(!ckpt.exists());
 
+    // --innodb=skip says the same as --skip-innodb-tables.
     let stream = tmp.path().join("b.tar");
+    backup_ok(backup_cmd(&server, &["--innodb=skip"]), &stream, 0);
     backup_ok(backup_cmd(&server, &["--skip-innodb-tables"]), &stream, 0);
     let x = tmp.path().join("x");
     extract_with("ours", &stream, &x);
     assert_eq!(
         manifest(&x)["backup"]["skipped_innodb_tables"],
         serde_json::json!(["app.inno"])
+    );
+    assert!(manifest(&x)["backup"].get("innodb_logical").is_none());
+    let info = run_ok(Command::new(bin()).arg("info").arg(&x));
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("left out (--skip-innodb-tables): app.inno"),
+        "{}",
+        String::from_utf8_lossy(&info.stdout)
     );
     // Nothing of the skipped table is left: no definition, no trigger files.
     for gone in ["app/inno.frm", "app/inno.TRG", "app/inno_ai.TRN"] {

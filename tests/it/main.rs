@@ -9,6 +9,7 @@ mod bench_smoke;
 mod directory;
 mod extract_safety;
 mod failures;
+mod mixed;
 mod network;
 mod properties;
 mod replica;
