@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sandbox::net::{FlipRelay, Link, Sshd};
-use sandbox::workload::{assert_bank_consistent, load_bank, Load};
+use sandbox::workload::{
+    assert_bank_consistent, assert_mixed_consistent, load_bank, load_mixed_bank, Load,
+};
 use sandbox::Server;
 
 use crate::common::db::*;
@@ -267,6 +269,8 @@ fn backups_over_the_link_and_through_ssh_restore_and_replicate() {
 fn clone_restores_on_the_other_host_and_writes_the_replica_set_up() {
     let source = Server::start();
     load_bank(&source, 30_000);
+    // InnoDB tables too: their rows cross the link and are loaded on the other host.
+    load_mixed_bank(&source, 2_000);
     let link = Link::new();
     let sshd = Sshd::start(&link);
     let tmp = tempfile::tempdir().unwrap();
@@ -314,9 +318,11 @@ fn clone_restores_on_the_other_host_and_writes_the_replica_set_up() {
     // The replica runs the file as written; the source is reached here over loopback.
     let copy = Server::start_on(&datadir, &[]);
     assert_bank_consistent(&copy);
+    assert_mixed_consistent(&copy);
     copy.exec(&setup);
     copy.exec("CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_USER = 'root'; START SLAVE");
     wait_converged(&copy, &source);
+    assert_eq!(copy.checksums("mixed"), source.checksums("mixed"));
 }
 
 /// A table of incompressible rows, so that transfers take a while on a shaped path.
