@@ -39,6 +39,8 @@ struct Options {
     only_network: bool,
     /// `--only repository`: that section alone (on its own data), for its development.
     only_repository: bool,
+    /// `--only mixed`: the mixed-server section alone.
+    only_mixed: bool,
     /// `--net-mbit N`: the network section's rate, for its development.
     net_mbit: u32,
     /// `--dailies N`: the backups in the repository section's week (the full one included).
@@ -52,6 +54,7 @@ fn options() -> Options {
         output: PathBuf::from("docs/BENCHMARKS.md"),
         only_network: false,
         only_repository: false,
+        only_mixed: false,
         net_mbit: NET_MBIT,
         dailies: REPO_DAILIES,
     };
@@ -74,7 +77,8 @@ fn options() -> Options {
             "--only" => match value().as_str() {
                 "network" => o.only_network = true,
                 "repository" => o.only_repository = true,
-                other => panic!("--only takes: network, repository (not {other})"),
+                "mixed" => o.only_mixed = true,
+                other => panic!("--only takes: network, repository, mixed (not {other})"),
             },
             "--net-mbit" => o.net_mbit = value().parse().expect("--net-mbit takes a whole number"),
             "--dailies" => {
@@ -82,7 +86,7 @@ fn options() -> Options {
                 assert!(o.dailies >= 2, "--dailies takes 2 or more");
             }
             other => panic!(
-                "unknown flag {other}; flags: --scale F --runs N --output FILE --only network|repository \
+                "unknown flag {other}; flags: --scale F --runs N --output FILE --only network|repository|mixed \
                  --net-mbit N --dailies N"
             ),
         }
@@ -1955,9 +1959,10 @@ fn main() {
         machine(),
         Command::new(binary("mariadbd")).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
     );
-    let sets: &[fn(f64) -> DataSet] = match (opts.only_network, opts.only_repository) {
-        (_, true) => &[],
-        (true, false) => &[large_files],
+    let only_one = opts.only_network || opts.only_repository || opts.only_mixed;
+    let sets: &[fn(f64) -> DataSet] = match (opts.only_network, only_one) {
+        (true, _) => &[large_files],
+        (false, true) => &[],
         (false, false) => &[large_files, many_files],
     };
     for make in sets {
@@ -2077,10 +2082,19 @@ fn main() {
             ));
         }
     }
-    if !opts.only_network && !opts.only_repository {
+    if !only_one {
         report.push_str(&stall_section(&opts, &tool, work.path(), &path));
     }
-    if !opts.only_network {
+    if !only_one || opts.only_mixed {
+        report.push_str(&mixed_section(
+            &tool,
+            work.path(),
+            target.path(),
+            &path,
+            &opts,
+        ));
+    }
+    if !only_one || opts.only_repository {
         report.push_str(&repository_section(
             &tool,
             work.path(),
@@ -2095,4 +2109,152 @@ fn main() {
     fs::write(&opts.output, &report).unwrap();
     println!("{report}");
     eprintln!("written to {}", opts.output.display());
+}
+
+/// Rows of the mixed section's InnoDB tables at `scale` (about 330 bytes each in InnoDB,
+/// with two secondary indexes: 1.6 million rows are about 500 MiB).
+fn mixed_inno_rows(scale: f64) -> u64 {
+    ((1_600_000.0 * scale) as u64).max(20_000)
+}
+
+/// A mixed server: RocksDB tables beside InnoDB tables with secondary indexes. Our backup
+/// (RocksDB files plus the InnoDB rows read from the consistent point) and its restore
+/// (which loads them) against mariabackup (InnoDB files plus redo log, then prepare) and
+/// `mariadb-dump --single-transaction` of the InnoDB part alone, dumped and loaded.
+fn mixed_section(tool: &Path, work: &Path, target: &Path, path: &str, opts: &Options) -> String {
+    let server = Server::start_with(&["--innodb-buffer-pool-size=256M"]);
+    let rocks_rows = ((256u64 << 20) as f64 * opts.scale / 1000.0 / 4.0).max(100.0) as u64;
+    bulk_load(&server, "mixed_rocks", 4, rocks_rows);
+    let inno_rows = mixed_inno_rows(opts.scale);
+    let mut conn = server.conn();
+    conn.query_drop("CREATE DATABASE mixed_inno").unwrap();
+    conn.query_drop("USE mixed_inno").unwrap();
+    for t in 0..4 {
+        conn.query_drop(format!(
+            "CREATE TABLE t{t} (id INT PRIMARY KEY, a INT NOT NULL, b CHAR(32) NOT NULL, pad VARBINARY(200),
+             KEY (a), KEY (b)) ENGINE=InnoDB"
+        ))
+        .unwrap();
+        let rows = inno_rows / 4;
+        for start in (0..rows).step_by(100_000) {
+            let n = 100_000.min(rows - start);
+            conn.query_drop(format!(
+                "INSERT INTO t{t} SELECT seq + {start}, FLOOR(RAND() * 1000000), MD5(seq), RANDOM_BYTES(150)
+                 FROM seq_1_to_{n}"
+            ))
+            .unwrap();
+        }
+    }
+    conn.query_drop("ANALYZE TABLE t0, t1, t2, t3").unwrap();
+    let inno_bytes: u64 = conn
+        .query_first(
+            "SELECT SUM(DATA_LENGTH + INDEX_LENGTH) FROM information_schema.TABLES WHERE TABLE_SCHEMA = 'mixed_inno'",
+        )
+        .unwrap()
+        .unwrap();
+    drop(conn);
+    let ds = finish_dataset(server, "mixed", "mixed_rocks", String::new());
+    let bytes = ds.bytes + inno_bytes;
+    let description = format!(
+        "4 RocksDB tables ({:.2} GiB of SSTs) and 4 InnoDB tables of {inno_rows} rows with two secondary \
+         indexes ({:.2} GiB in InnoDB)",
+        ds.bytes as f64 / (1u64 << 30) as f64,
+        inno_bytes as f64 / (1u64 << 30) as f64,
+    );
+    eprintln!("data set mixed: {description}");
+    let (t, w) = (target.display(), work.display());
+    let sock = ds.server.socket.display();
+    let tool = tool.display();
+    let backups = vec![
+        Case::ours(
+            "myrocks-hotbackup --target-dir",
+            &format!("{tool} backup --target-dir {t}/ours --socket {sock} --user root {{REPORT}} 2>/dev/null"),
+            work,
+        )
+        .then(format!("rm -rf {t}/ours")),
+        Case::new(
+            "mariabackup --backup + --prepare",
+            format!(
+                "mariabackup --backup --target-dir={t}/mb --user=root --socket={sock} 2>/dev/null && \
+                 mariabackup --prepare --target-dir={t}/mb 2>/dev/null && sync"
+            ),
+        )
+        .then(format!("rm -rf {t}/mb")),
+        Case::new(
+            "mariadb-dump --single-transaction (InnoDB part only)",
+            format!(
+                "mariadb-dump --single-transaction --socket={sock} --user=root mixed_inno > {t}/dump.sql && sync"
+            ),
+        )
+        .then(format!("rm -f {t}/dump.sql")),
+    ];
+    let samples = run_cases(&backups, opts.runs, Some(&ds.server), path);
+    let mut report =
+        format!("\n## Mixed server: InnoDB beside RocksDB\n\n{description}.\n\n### Backup\n\n");
+    report.push_str(&table(
+        &backups,
+        &samples,
+        bytes,
+        "mariabackup --backup + --prepare",
+        true,
+    ));
+
+    // The backups to restore, made once.
+    for case in &backups {
+        measure(&case.script, path);
+    }
+    let restore_log = work.join("mixed-restore.log");
+    measure(
+        &format!(
+            "{tool} copy-back --backup-dir {t}/ours --datadir {w}/mixed-probe 2>{} && rm -rf {w}/mixed-probe",
+            restore_log.display()
+        ),
+        path,
+    );
+    let client = format!("mariadb --socket={sock} --user=root");
+    let restores = vec![
+        Case::new(
+            "myrocks-hotbackup copy-back (loads the InnoDB rows)",
+            format!("{tool} copy-back --backup-dir {t}/ours --datadir {w}/restored 2>/dev/null"),
+        )
+        .then(format!("rm -rf {w}/restored")),
+        Case::new(
+            "mariabackup --copy-back",
+            format!("mariabackup --copy-back --target-dir={t}/mb --datadir={w}/restored 2>/dev/null && sync"),
+        )
+        .then(format!("rm -rf {w}/restored")),
+        Case::new(
+            "mariadb < dump (InnoDB part only, binary log off)",
+            format!(
+                "{client} -e 'CREATE DATABASE mixed_copy' && \
+                 {client} --init-command='SET sql_log_bin = 0' mixed_copy < {t}/dump.sql && sync"
+            ),
+        )
+        .then(format!("{client} -e 'DROP DATABASE mixed_copy'")),
+    ];
+    let samples = run_cases(&restores, opts.runs, None, path);
+    report.push_str("\n### Restore\n\n");
+    report.push_str(&table(
+        &restores,
+        &samples,
+        bytes,
+        "mariabackup --copy-back",
+        false,
+    ));
+    let log = fs::read_to_string(&restore_log).unwrap_or_default();
+    let load_secs: Option<f64> = log
+        .lines()
+        .find(|l| l.contains("InnoDB tables ("))
+        .and_then(|l| l.rsplit(" in ").next())
+        .and_then(|s| s.trim_end_matches(" s").parse().ok());
+    if let Some(secs) = load_secs {
+        let _ = writeln!(
+            report,
+            "\nOur restore loaded the InnoDB rows in {secs:.1} s: {:.1} MiB of InnoDB data per second \
+             (the warning for large InnoDB tables is drawn from this rate).",
+            inno_bytes as f64 / (1 << 20) as f64 / secs
+        );
+    }
+    measure(&format!("rm -rf {t}/ours {t}/mb {t}/dump.sql"), path);
+    report
 }

@@ -65,6 +65,13 @@ fn the_benchmark_runs_every_case_on_tiny_data() {
         2,
         "{text}"
     );
+    for row in [
+        "| myrocks-hotbackup copy-back (loads the InnoDB rows) |",
+        "| mariadb-dump --single-transaction (InnoDB part only) |",
+        "| mariadb < dump (InnoDB part only, binary log off) |",
+    ] {
+        assert_eq!(text.matches(row).count(), 1, "{row}:\n{text}");
+    }
     assert!(
         text.contains("## Commit stall against the number of SSTs"),
         "{text}"
