@@ -51,6 +51,8 @@ pub struct Selection {
     pub innodb_system_tables: Vec<String>,
     /// InnoDB tables elsewhere, as `db.table`: a RocksDB backup cannot hold them.
     pub innodb_user_tables: Vec<String>,
+    /// Those of them that have triggers (a `.TRG` file).
+    pub innodb_user_tables_with_triggers: Vec<String>,
 }
 
 /// Walks `datadir`, skipping the directories in `skip` (RocksDB data, WAL, checkpoints).
@@ -113,11 +115,13 @@ fn select_database(dir: &Path, db: &str, innodb: bool, sel: &mut Selection) -> R
             _ => Some(stem.to_string()),
         };
         if let Some(table) = table.filter(|t| innodb_tables.contains(t)) {
-            if ext == "frm" {
-                match db {
-                    "mysql" => sel.innodb_system_tables.push(table),
-                    _ => sel.innodb_user_tables.push(format!("{db}.{table}")),
-                }
+            match (ext, db) {
+                ("frm", "mysql") => sel.innodb_system_tables.push(table),
+                ("frm", _) => sel.innodb_user_tables.push(format!("{db}.{table}")),
+                ("TRG", db) if db != "mysql" => sel
+                    .innodb_user_tables_with_triggers
+                    .push(format!("{db}.{table}")),
+                _ => {}
             }
             continue;
         }

@@ -25,10 +25,12 @@ use std::time::Instant;
 use crate::cancel::Cancel;
 use crate::error::{Error, IoContext, Result};
 use crate::format::layout::INNODB_DIR;
-use crate::format::logical::{encode_value, ident, Logical, LogicalTable, Trigger};
+use crate::format::logical::{
+    encode_column, ident, Logical, LogicalTable, Trigger, LOGICAL_SUFFIX,
+};
 use crate::log::human;
 use crate::server::credentials::Credentials;
-use crate::server::{BinlogPosition, Server, Watcher};
+use crate::server::{Server, Watcher};
 use crate::{info, warn};
 
 /// Connections that read tables at once, at most.
@@ -47,10 +49,14 @@ const BATCH: usize = 1 << 20;
 pub struct Plan {
     tables: Vec<LogicalTable>,
     triggers: Vec<Trigger>,
+    /// Tables with at least one trigger the backup's user can see.
+    tables_with_triggers: usize,
 }
 
 /// Reads the definitions of the InnoDB tables outside `mysql`, and their triggers.
 pub fn plan(server: &mut Server) -> Result<Plan> {
+    // Definitions in the charset the reading connections check them in (`dump_one`).
+    server.exec("SET NAMES utf8mb4")?;
     let listed: Vec<(String, String, String, Option<u64>)> = server.rows(
         "SELECT TABLE_SCHEMA, TABLE_NAME, TABLE_TYPE, DATA_LENGTH + INDEX_LENGTH FROM information_schema.TABLES
          WHERE ENGINE = 'InnoDB' AND TABLE_SCHEMA NOT IN ('mysql', 'information_schema', 'performance_schema')
@@ -71,6 +77,7 @@ pub fn plan(server: &mut Server) -> Result<Plan> {
     }
     let mut tables = Vec::new();
     let mut triggers = Vec::new();
+    let mut tables_with_triggers = 0;
     for (schema, name, kind, size) in listed {
         let sequence = kind == "SEQUENCE";
         let create =
@@ -86,6 +93,9 @@ pub fn plan(server: &mut Server) -> Result<Plan> {
              ORDER BY EVENT_MANIPULATION, ACTION_TIMING, ACTION_ORDER",
             (&schema, &name),
         )?;
+        tables_with_triggers += usize::from(!names.is_empty());
+        // SHOW CREATE TRIGGER leaves out PRECEDES and FOLLOWS: created in this order, each
+        // after the last, the triggers fire in the order they did.
         for (trigger,) in names {
             let sql = format!("SHOW CREATE TRIGGER {}.{}", ident(&schema), ident(&trigger));
             let rows: Vec<mysql::Row> = server.rows(&sql, ())?;
@@ -130,25 +140,70 @@ pub fn plan(server: &mut Server) -> Result<Plan> {
             tables.last_mut().unwrap().columns.clear();
         }
     }
-    let large: Vec<String> = tables
-        .iter()
-        .filter(|t| t.size_on_server >= LARGE_TABLE)
-        .map(|t| format!("{}.{} ({})", t.schema, t.name, human(t.size_on_server)))
-        .collect();
-    if !large.is_empty() {
-        warn!(
-            "InnoDB tables this large are read and loaded row by row, which takes longer than \
-             copying their files: {}. Back up a server with this much InnoDB data with mariabackup, \
-             or convert the tables to RocksDB",
-            large.join(", ")
-        );
-    }
-    Ok(Plan { tables, triggers })
+    Ok(Plan {
+        tables,
+        triggers,
+        tables_with_triggers,
+    })
 }
 
 impl Plan {
     pub fn len(&self) -> usize {
         self.tables.len()
+    }
+
+    /// Refuses to go on when the backup's user cannot see every InnoDB table the datadir
+    /// holds (`tables`) and the triggers of every one that has some (`with_triggers`):
+    /// without privileges on them the server hides them, and the copy would silently lack them.
+    pub fn check_complete(&self, tables: &[String], with_triggers: &[String]) -> Result<()> {
+        if self.tables.len() < tables.len() {
+            return Err(Error::Refused(format!(
+                "the backup's user sees {} of the {} InnoDB tables of the datadir ({}): grant it SELECT ON *.*, \
+                 or pass --skip-innodb-tables",
+                self.tables.len(),
+                tables.len(),
+                tables.join(", ")
+            )));
+        }
+        if self.tables_with_triggers < with_triggers.len() {
+            return Err(Error::Refused(format!(
+                "these InnoDB tables have triggers that the backup's user cannot see: {} (it sees those \
+                 of {} tables). Grant it TRIGGER ON *.*, or pass --skip-innodb-tables",
+                with_triggers.join(", "),
+                self.tables_with_triggers
+            )));
+        }
+        Ok(())
+    }
+
+    /// Before the rounds: refuses tables the backup's user cannot read (rather than after
+    /// hours of rounds), and names the large ones.
+    pub fn preflight(&self, server: &mut Server) -> Result<()> {
+        for t in &self.tables {
+            let sql = format!("SELECT 1 FROM {} LIMIT 0", t.qualified());
+            server.exec(&sql).map_err(|e| {
+                Error::Refused(format!(
+                    "the InnoDB table {}.{} cannot be read ({e}): grant SELECT on it to the backup's user, \
+                     or pass --skip-innodb-tables to leave the InnoDB tables out",
+                    t.schema, t.name
+                ))
+            })?;
+        }
+        let large: Vec<String> = self
+            .tables
+            .iter()
+            .filter(|t| t.size_on_server >= LARGE_TABLE)
+            .map(|t| format!("{}.{} ({})", t.schema, t.name, human(t.size_on_server)))
+            .collect();
+        if !large.is_empty() {
+            warn!(
+                "These InnoDB tables are copied row by row and loaded at restore, which takes far longer \
+                 than copying their files: {}. For that much InnoDB data mariabackup restores faster \
+                 (or convert the tables to RocksDB)",
+                large.join(", ")
+            );
+        }
+        Ok(())
     }
 }
 
@@ -159,54 +214,46 @@ pub struct Snapshots {
 
 impl Snapshots {
     /// Opens the connections (`tables` InnoDB tables to read) and readies their sessions.
-    pub fn connect(creds: &Credentials, tables: usize, cancel: &Cancel) -> Result<Snapshots> {
+    pub fn connect(
+        creds: &Credentials,
+        tables: usize,
+        lock_wait_timeout: u64,
+        cancel: &Cancel,
+    ) -> Result<Snapshots> {
         let mut conns = Vec::new();
         for _ in 0..tables.clamp(1, MAX_THREADS) {
             let mut conn = Server::connect(creds)?;
             let watcher = conn.interrupt_on(cancel, creds)?;
             // Values as stored (no charset conversion), TIMESTAMPs in UTC, out of the
-            // general log, and no server timeout while this side writes.
-            conn.exec(
+            // general log, no server timeout while this side writes, and no endless wait
+            // behind a DDL's lock.
+            conn.exec(&format!(
                 "SET SESSION sql_log_off = 1, time_zone = '+00:00', character_set_results = binary, \
-                 net_write_timeout = 3600, tx_isolation = 'REPEATABLE-READ'",
-            )?;
+                 net_write_timeout = 3600, tx_isolation = 'REPEATABLE-READ', \
+                 lock_wait_timeout = {lock_wait_timeout}"
+            ))?;
             conns.push((conn, watcher));
         }
         Ok(Snapshots { conns })
     }
 
-    /// Under `BLOCK_COMMIT`: every connection starts its snapshot.
-    pub fn start(&mut self) -> Result<()> {
+    /// Under `BLOCK_COMMIT`: every connection opens its InnoDB read view, which then holds
+    /// exactly the transactions committed before the block. A read of `view_table` (an
+    /// InnoDB table of `mysql`) opens it; `START TRANSACTION WITH CONSISTENT SNAPSHOT` would
+    /// also pin a RocksDB snapshot, which keeps compaction from dropping overwritten rows for
+    /// the length of the copy, and is used only when there is no such table.
+    pub fn start(&mut self, view_table: Option<&str>) -> Result<()> {
         for (conn, _) in &mut self.conns {
-            conn.exec("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")?;
-        }
-        Ok(())
-    }
-
-    /// Refuses snapshots that do not stand at the backup's binary log coordinates.
-    pub fn check(&mut self, binlog: Option<&BinlogPosition>) -> Result<()> {
-        let Some(at) = binlog else { return Ok(()) };
-        for (conn, _) in &mut self.conns {
-            let status: Vec<(String, String)> =
-                conn.rows("SHOW STATUS LIKE 'binlog_snapshot_%'", ())?;
-            let value = |name: &str| {
-                status
-                    .iter()
-                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                    .map(|(_, v)| v.as_str())
-                    .unwrap_or_default()
-            };
-            let (file, pos) = (
-                value("binlog_snapshot_file"),
-                value("binlog_snapshot_position"),
-            );
-            if file != at.file || pos != at.position.to_string() {
-                return Err(Error::Server(format!(
-                    "the InnoDB snapshot stands at {file}:{pos}, not at the backup's coordinates {}:{}: \
-                     commits were not blocked when it started",
-                    at.file, at.position
-                )));
+            match view_table {
+                Some(t) => {
+                    conn.exec("START TRANSACTION READ ONLY")?;
+                    conn.exec(&format!("SELECT 1 FROM mysql.{} LIMIT 1", ident(t)))?;
+                }
+                None => conn.exec("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")?,
             }
+            // Each table's metadata lock is released once it is read (ROLLBACK TO SAVEPOINT),
+            // so that DDL waits for no more than the reading of its own table.
+            conn.exec("SAVEPOINT myrocks_hotbackup")?;
         }
         Ok(())
     }
@@ -228,17 +275,16 @@ impl Snapshots {
         queue.sort_by_key(|(_, t)| t.size_on_server);
         let queue = Mutex::new(queue);
         let done = Mutex::new(Vec::new());
-        let failed = AtomicBool::new(false);
         let results: Vec<Result<()>> = std::thread::scope(|s| {
             let workers: Vec<_> = self
                 .conns
                 .into_iter()
                 .map(|(mut conn, watcher)| {
-                    let (queue, done, failed) = (&queue, &done, &failed);
+                    let (queue, done) = (&queue, &done);
                     s.spawn(move || -> Result<()> {
                         let _watcher = watcher;
                         loop {
-                            if stop.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
+                            if stop.load(Ordering::Relaxed) {
                                 return Ok(());
                             }
                             let Some((index, mut table)) = queue.lock().unwrap().pop() else {
@@ -246,7 +292,8 @@ impl Snapshots {
                             };
                             let read = dump_one(&mut conn, index, &mut table, dir, space, stop);
                             if read.is_err() {
-                                failed.store(true, Ordering::Relaxed);
+                                // The others stop too.
+                                stop.store(true, Ordering::Relaxed);
                                 return read.map(|_| ());
                             }
                             done.lock().unwrap().push((index, table, read?));
@@ -309,10 +356,11 @@ fn dump_one(
         );
         let row: Vec<(i64, i64)> = conn.rows(&sql, ())?;
         table.sequence = row.into_iter().next();
+        conn.exec(RELEASE_LOCKS)?;
         return Ok(None);
     }
     let name = format!(
-        "{INNODB_DIR}/{:04}-{}.{}.tsv.zst",
+        "{INNODB_DIR}/{:04}-{}.{}.{LOGICAL_SUFFIX}",
         index + 1,
         file_safe(&table.schema),
         file_safe(&table.name)
@@ -338,12 +386,12 @@ fn dump_one(
         buf.clear();
         Ok(())
     };
-    conn.for_each_row(&sql, |values| {
-        for (i, v) in values.iter().enumerate() {
+    conn.for_each_row(&sql, |columns, values| {
+        for (i, (c, v)) in columns.iter().zip(values).enumerate() {
             if i > 0 {
                 buf.push(b'\t');
             }
-            encode_value(&mut buf, v);
+            encode_column(&mut buf, v, c.column_type());
         }
         buf.push(b'\n');
         table.rows += 1;
@@ -360,6 +408,20 @@ fn dump_one(
         e => e,
     })?;
     flush(&mut buf, table)?;
+    // A table renamed into this one's place since the consistent point (the cut-over of an
+    // online schema change) reads without an error: its definition tells. The table's
+    // metadata lock, held since the read, keeps it from changing until the lock is released.
+    conn.exec("SET SESSION character_set_results = utf8mb4")?;
+    let now = conn.show_create("TABLE", &table.schema, &table.name)?;
+    conn.exec("SET SESSION character_set_results = binary")?;
+    if without_auto_increment(&now) != without_auto_increment(&table.create) {
+        return Err(Error::Refused(format!(
+            "the InnoDB table {}.{} was altered, replaced or renamed after the backup's consistent point, \
+             before it was read: run the backup again once the DDL is done",
+            table.schema, table.name
+        )));
+    }
+    conn.exec(RELEASE_LOCKS)?;
     table.crc32 = crc.finalize();
     zstd.finish()
         .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
@@ -379,6 +441,26 @@ fn dump_one(
     Ok(Some(path))
 }
 
+/// Releases the metadata lock of the table just read (see [`Snapshots::start`]).
+const RELEASE_LOCKS: &str = "ROLLBACK TO SAVEPOINT myrocks_hotbackup";
+
+/// `SHOW CREATE TABLE` without its ` AUTO_INCREMENT=N`, which inserts change.
+fn without_auto_increment(create: &str) -> String {
+    let mut out = String::with_capacity(create.len());
+    let mut rest = create;
+    while let Some(at) = rest.find(" AUTO_INCREMENT=") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + " AUTO_INCREMENT=".len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            out.push_str(" AUTO_INCREMENT=");
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A name part made of letters, digits, `_` and `-` only (the file's index makes it unique).
 fn file_safe(name: &str) -> String {
     name.chars()
@@ -390,4 +472,17 @@ fn file_safe(name: &str) -> String {
         )
         .take(48)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_increment_values_do_not_count_as_a_change() {
+        assert_eq!(
+            without_auto_increment("CREATE TABLE `t` (\n  `id` int NOT NULL AUTO_INCREMENT\n) ENGINE=InnoDB AUTO_INCREMENT=103 DEFAULT CHARSET=latin1"),
+            "CREATE TABLE `t` (\n  `id` int NOT NULL AUTO_INCREMENT\n) ENGINE=InnoDB DEFAULT CHARSET=latin1"
+        );
+    }
 }

@@ -166,6 +166,15 @@ fn backup(
     // Fail now, not after hours of rounds, if InnoDB user tables make the backup impossible.
     let sel = datadir::select(&info.datadir, &skip, info.innodb)?;
     check_innodb(&sel.innodb_user_tables, args.innodb_mode())?;
+    if args.innodb_mode() == InnodbMode::Logical && !sel.innodb_user_tables.is_empty() {
+        // Read again under BLOCK_DDL; now to refuse what cannot be copied early.
+        let plan = logical::plan(&mut server)?;
+        plan.check_complete(
+            &sel.innodb_user_tables,
+            &sel.innodb_user_tables_with_triggers,
+        )?;
+        plan.preflight(&mut server)?;
+    }
     for table in &sel.innodb_system_tables {
         server.create_table_sql("mysql", table)?;
     }
@@ -623,7 +632,16 @@ impl Job<'_> {
         let mut logical = match mode {
             InnodbMode::Logical if !sel.innodb_user_tables.is_empty() => {
                 let plan = logical::plan(server)?;
-                let snapshots = logical::Snapshots::connect(creds, plan.len(), &self.cancel)?;
+                plan.check_complete(
+                    &sel.innodb_user_tables,
+                    &sel.innodb_user_tables_with_triggers,
+                )?;
+                let snapshots = logical::Snapshots::connect(
+                    creds,
+                    plan.len(),
+                    args.lock_wait_timeout,
+                    &self.cancel,
+                )?;
                 Some((plan, snapshots))
             }
             _ => None,
@@ -709,7 +727,11 @@ impl Job<'_> {
             steps.push(("coordinates", step.elapsed()));
             if let Some((_, snapshots)) = &mut logical {
                 let step = Instant::now();
-                snapshots.start()?;
+                let view_table = sel
+                    .innodb_system_tables
+                    .iter()
+                    .find(|t| *t == "innodb_table_stats");
+                snapshots.start(view_table.map(String::as_str))?;
                 steps.push(("InnoDB snapshots", step.elapsed()));
             }
             Ok((binlog, replica, pins))
@@ -731,9 +753,6 @@ impl Job<'_> {
             fs::remove_dir_all(&pin_dir).with_path("remove", &pin_dir)?;
         }
         let (binlog, replica, pins) = blocked?;
-        if let Some((_, snapshots)) = &mut logical {
-            snapshots.check(binlog.as_ref())?;
-        }
         aside.finish()?;
         let wal = match pins {
             Some(pins) => pins.files(),

@@ -79,9 +79,29 @@ pub fn literal(s: &str) -> String {
     out
 }
 
+/// The suffix of the data files: not `.zst`, which the restore of a compressed stream
+/// decodes on the way (these files are described as stored, not as compressed).
+pub const LOGICAL_SUFFIX: &str = "tsv.zstd";
+
+/// Appends one value of a column of type `kind` in `LOAD DATA`'s text form.
+pub fn encode_column(out: &mut Vec<u8>, value: &mysql::Value, kind: mysql::consts::ColumnType) {
+    use mysql::consts::ColumnType;
+    use std::io::Write;
+    match (kind, value) {
+        // YEAR 0 loads back as 2000 unless written with four digits.
+        (ColumnType::MYSQL_TYPE_YEAR, mysql::Value::Int(y)) => {
+            write!(out, "{y:04}").expect("to memory")
+        }
+        (ColumnType::MYSQL_TYPE_YEAR, mysql::Value::UInt(y)) => {
+            write!(out, "{y:04}").expect("to memory")
+        }
+        _ => encode_value(out, value),
+    }
+}
+
 /// Appends one value in `LOAD DATA`'s text form. Values come from the binary protocol, so
 /// floating point numbers keep every bit (the text protocol prints FLOATs to 6 digits).
-pub fn encode_value(out: &mut Vec<u8>, value: &mysql::Value) {
+fn encode_value(out: &mut Vec<u8>, value: &mysql::Value) {
     use mysql::Value;
     use std::io::Write;
     match value {
@@ -162,6 +182,17 @@ mod tests {
             "-838:59:59.500000"
         );
         assert_eq!(enc(Value::Time(false, 0, 1, 2, 3, 0)), "01:02:03");
+    }
+
+    #[test]
+    fn years_keep_four_digits() {
+        let mut out = Vec::new();
+        encode_column(
+            &mut out,
+            &Value::Int(0),
+            mysql::consts::ColumnType::MYSQL_TYPE_YEAR,
+        );
+        assert_eq!(out, b"0000");
     }
 
     #[test]

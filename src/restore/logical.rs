@@ -23,21 +23,27 @@ use crate::warn;
 
 /// A delimiter no statement of a trigger ends a line with.
 const DELIMITER: &str = "$$myrocks_hotbackup$$";
+/// The bootstrap refuses statements over 60,000 bytes, and reads lines in pieces of 20,000:
+/// definitions beyond these are sent in pieces and run as a prepared statement.
+const MAX_STATEMENT: usize = 50_000;
+const MAX_LINE: usize = 10_000;
 
 /// The statements that create and load the tables. `source(i)` is where the bootstrap
 /// reads the rows of table `i` from.
 pub fn script(logical: &Logical, source: impl Fn(usize) -> String) -> String {
+    // Not strict: the rows come from tables of the same definitions, and legacy values the
+    // source kept (an ENUM's '' or a date stored under ALLOW_INVALID_DATES) load as they were.
     let mut sql = String::from(
         "SET NAMES utf8mb4;\n\
-         SET SESSION sql_mode = 'NO_AUTO_VALUE_ON_ZERO,NO_ENGINE_SUBSTITUTION,STRICT_ALL_TABLES', \
-         time_zone = '+00:00', foreign_key_checks = 0, unique_checks = 0;\n",
+         SET SESSION sql_mode = 'NO_AUTO_VALUE_ON_ZERO,NO_ENGINE_SUBSTITUTION,ALLOW_INVALID_DATES', \
+         time_zone = '+00:00', foreign_key_checks = 0, unique_checks = 0, innodb_strict_mode = 0;\n",
     );
     for (i, t) in logical.tables.iter().enumerate() {
         sql.push_str(&format!(
-            "CREATE DATABASE IF NOT EXISTS {0};\nUSE {0};\n{1};\n",
-            ident(&t.schema),
-            local_paths_removed(t)
+            "CREATE DATABASE IF NOT EXISTS {0};\nUSE {0};\n",
+            ident(&t.schema)
         ));
+        sql.push_str(&statement(&local_paths_removed(t)));
         if let Some((next, round)) = t.sequence {
             sql.push_str(&format!(
                 "SELECT SETVAL({}, {next}, 0, {round});\n",
@@ -45,17 +51,18 @@ pub fn script(logical: &Logical, source: impl Fn(usize) -> String) -> String {
             ));
         }
         if t.file.is_some() && t.rows > 0 {
+            // One per line: a line of the bootstrap's input holds at most 20,000 bytes.
             let columns: Vec<String> = t.columns.iter().map(|c| ident(c)).collect();
             let message = literal(&format!(
                 "{}.{}: the backup holds {} rows, a different number was loaded",
                 t.schema, t.name, t.rows
             ));
             sql.push_str(&format!(
-                "LOAD DATA INFILE {} INTO TABLE {} CHARACTER SET binary ({});\n\
+                "LOAD DATA INFILE {} INTO TABLE {} CHARACTER SET binary (\n{}\n);\n\
                  IF ROW_COUNT() <> {} THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = {message}; END IF;\n",
                 literal(&source(i)),
                 ident(&t.name),
-                columns.join(", "),
+                columns.join(",\n"),
                 t.rows
             ));
         }
@@ -72,11 +79,45 @@ pub fn script(logical: &Logical, source: impl Fn(usize) -> String) -> String {
     sql
 }
 
+/// A statement for the bootstrap: as it is, or, when too long for its reader, built from
+/// pieces in a variable and run as a prepared statement.
+fn statement(sql: &str) -> String {
+    if sql.len() <= MAX_STATEMENT && sql.lines().all(|l| l.len() <= MAX_LINE) {
+        return format!("{sql};\n");
+    }
+    let mut out = String::from("SET @myrocks_hotbackup_sql = '';\n");
+    let mut piece = String::new();
+    for c in sql.chars() {
+        piece.push(c);
+        if piece.len() >= MAX_LINE / 2 {
+            out.push_str(&format!(
+                "SET @myrocks_hotbackup_sql = CONCAT(@myrocks_hotbackup_sql, {});\n",
+                literal(&piece)
+            ));
+            piece.clear();
+        }
+    }
+    out.push_str(&format!(
+        "SET @myrocks_hotbackup_sql = CONCAT(@myrocks_hotbackup_sql, {});\n\
+         PREPARE myrocks_hotbackup_statement FROM @myrocks_hotbackup_sql;\n\
+         EXECUTE myrocks_hotbackup_statement;\n\
+         DEALLOCATE PREPARE myrocks_hotbackup_statement;\n",
+        literal(&piece)
+    ));
+    out
+}
+
 /// `CREATE TABLE` without `DATA DIRECTORY` and `INDEX DIRECTORY`: the source's paths may
 /// be another server's files on this host. The tables go into the restored datadir.
 fn local_paths_removed(t: &LogicalTable) -> String {
     let mut create = t.create.clone();
-    for clause in [" DATA DIRECTORY='", " INDEX DIRECTORY='"] {
+    // Tables say `DATA DIRECTORY='...'`, partitions `DATA DIRECTORY = '...'`.
+    for clause in [
+        " DATA DIRECTORY='",
+        " INDEX DIRECTORY='",
+        " DATA DIRECTORY = '",
+        " INDEX DIRECTORY = '",
+    ] {
         while let Some(start) = create.find(clause) {
             let rest = &create[start + clause.len()..];
             // The path ends at a quote that is not doubled.
@@ -181,16 +222,28 @@ impl Pipes {
         let done = Arc::new(AtomicBool::new(false));
         let stop = done.clone();
         let thread = std::thread::spawn(move || {
+            let mut failed = None;
             for (pipe, source, table) in jobs {
-                let Some(mut out) = open_when_read(&pipe, &stop)? else {
-                    return Err(Error::Server(format!(
-                        "the bootstrap ended before it loaded {}.{}",
-                        table.schema, table.name
-                    )));
+                let out = match open_when_read(&pipe, &stop) {
+                    Ok(Some(out)) => out,
+                    Ok(None) => break, // the bootstrap has ended
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        continue;
+                    }
                 };
-                check(&table, compress::decode_file(&source, Some(&mut out))?)?;
+                // After a failure the pipes are closed empty: the bootstrap's row count
+                // check then fails and it ends, rather than wait for rows forever.
+                if failed.is_none() {
+                    let mut out = out;
+                    let fed = compress::decode_file(&source, Some(&mut out))
+                        .and_then(|decoded| check(&table, decoded));
+                    if let Err(e) = fed {
+                        failed = Some(e);
+                    }
+                }
             }
-            Ok(())
+            failed.map_or(Ok(()), Err)
         });
         Ok(Pipes {
             done,
@@ -259,7 +312,7 @@ mod tests {
             create: create.into(),
             sequence: None,
             columns: vec!["a".into(), "b c".into()],
-            file: Some("#innodb/0001-d.t.tsv.zst".into()),
+            file: Some("#innodb/0001-d.t.tsv.zstd".into()),
             rows: 3,
             bytes: 10,
             crc32: 1,
@@ -273,6 +326,58 @@ mod tests {
         assert_eq!(
             local_paths_removed(&t),
             "CREATE TABLE `t` (\n  `a` int\n) ENGINE=InnoDB"
+        );
+    }
+
+    #[test]
+    fn long_definitions_are_sent_in_pieces() {
+        let create = format!(
+            "CREATE TABLE `t` (\n  `a` enum({})\n)",
+            vec!["'it''s'"; 5000].join(",")
+        );
+        let sql = statement(&create);
+        assert!(sql.contains("PREPARE myrocks_hotbackup_statement"));
+        assert!(sql.lines().all(|l| l.len() < 20_000));
+        // The pieces put back together are the statement.
+        let pieces: String = sql
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("SET @myrocks_hotbackup_sql = CONCAT(@myrocks_hotbackup_sql, '")
+            })
+            .map(|l| unquote(l.strip_suffix("');").unwrap()))
+            .collect();
+        assert_eq!(pieces, create);
+        assert_eq!(
+            statement("CREATE TABLE `t` (`a` int)"),
+            "CREATE TABLE `t` (`a` int);\n"
+        );
+    }
+
+    /// Undoes `literal`'s escapes.
+    fn unquote(quoted: &str) -> String {
+        let mut out = String::new();
+        let mut chars = quoted.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => out.push(match chars.next().unwrap() {
+                    'n' => '\n',
+                    'r' => '\r',
+                    '0' => '\0',
+                    other => other,
+                }),
+                '\'' => out.push(chars.next().unwrap()),
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn partition_directories_are_dropped_too() {
+        let t = table("CREATE TABLE `t` (`a` int)\n PARTITION BY HASH (`a`)\n(PARTITION `p0` DATA DIRECTORY = '/srv/p0' ENGINE = InnoDB)");
+        assert_eq!(
+            local_paths_removed(&t),
+            "CREATE TABLE `t` (`a` int)\n PARTITION BY HASH (`a`)\n(PARTITION `p0` ENGINE = InnoDB)"
         );
     }
 
@@ -293,7 +398,7 @@ mod tests {
         };
         let sql = script(&logical, |i| format!("/p/{i}"));
         let load = sql
-            .find("LOAD DATA INFILE '/p/0' INTO TABLE `t` CHARACTER SET binary (`a`, `b c`);")
+            .find("LOAD DATA INFILE '/p/0' INTO TABLE `t` CHARACTER SET binary (\n`a`,\n`b c`\n);")
             .unwrap();
         let count = sql.find("IF ROW_COUNT() <> 3 THEN").unwrap();
         let trigger = sql

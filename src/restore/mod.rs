@@ -428,6 +428,8 @@ fn bootstrap_args(defaults_file: Option<&Path>, datadir: &Path) -> Vec<String> {
         format!("--aria-log-dir-path={d}"),
         "--loose-rocksdb=OFF".into(),
         "--skip-networking".into(),
+        // The InnoDB user tables' rows are read from inside the datadir only.
+        format!("--secure-file-priv={d}"),
     ]
 }
 
@@ -469,7 +471,7 @@ fn bootstrap_innodb(
     if !status.success() || wrote.is_err() {
         let text = fs::read_to_string(log.path()).unwrap_or_default();
         return Err(Error::Server(format!(
-            "mariadbd --bootstrap could not re-create the InnoDB tables of the mysql schema ({status}):\n{text}"
+            "mariadbd --bootstrap could not create the InnoDB tables ({status}):\n{text}"
         )));
     }
     info!("Re-created the InnoDB tables of the mysql schema with mariadbd --bootstrap");
@@ -494,8 +496,11 @@ fn bootstrap_with_tables(
     let booted = logical::Pipes::feed(backup, tables, &dir).and_then(|pipes| {
         script.push_str(&logical::script(tables, |i| pipes.paths[i].clone()));
         let booted = bootstrap_innodb(mariadbd, defaults_file, datadir, &script);
-        // What the feeding found (a damaged file) says more than the bootstrap's failure.
-        pipes.finish().and(booted)
+        match (booted, pipes.finish()) {
+            // A damaged file says more than the bootstrap's failure it causes.
+            (_, Err(e @ Error::Corrupt(_))) | (Ok(()), Err(e)) | (Err(e), _) => Err(e),
+            (Ok(()), Ok(())) => Ok(()),
+        }
     });
     let _ = fs::remove_dir_all(&dir);
     booted?;

@@ -257,13 +257,15 @@ impl Server {
     pub fn for_each_row(
         &mut self,
         sql: &str,
-        mut f: impl FnMut(&[mysql::Value]) -> Result<()>,
+        mut f: impl FnMut(&[mysql::Column], &[mysql::Value]) -> Result<()>,
     ) -> Result<()> {
         let mut failed = None;
         let read = self.guarded(|c| {
             let mut result = c.exec_iter(sql, ())?;
             for row in result.by_ref() {
-                if let Err(e) = f(&row?.unwrap()) {
+                let row = row?;
+                let columns = row.columns();
+                if let Err(e) = f(&columns, &row.unwrap()) {
                     failed = Some(e);
                     // Dropping the result would read every remaining row first.
                     std::mem::forget(result);

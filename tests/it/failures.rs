@@ -212,6 +212,63 @@ fn innodb_user_tables_are_refused_or_skipped_when_asked() {
 }
 
 #[test]
+fn innodb_tables_that_cannot_be_copied_whole_are_refused_before_the_rounds() {
+    let server = server_with_backup_user();
+    server.exec(
+        "CREATE TABLE app.inno (id INT PRIMARY KEY) ENGINE=InnoDB; INSERT INTO app.inno VALUES (1);
+         CREATE TABLE app.audit (id INT PRIMARY KEY) ENGINE=ROCKSDB;
+         CREATE TRIGGER app.inno_ai AFTER INSERT ON app.inno FOR EACH ROW INSERT INTO app.audit VALUES (NEW.id)",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    // Without the TRIGGER privilege the server hides the trigger: refused, not lost.
+    let out = backup_as(&server, &["-u", "bk"], &[("MYSQL_PWD", "Sekr1t-pw")], &ckpt);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("app.inno") && stderr(&out).contains("TRIGGER ON *.*"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !stderr(&out).contains("Starting backup round"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!ckpt.exists());
+    // A system-versioned table's history cannot be loaded back.
+    server.exec("CREATE TABLE app.hist (id INT PRIMARY KEY) ENGINE=InnoDB WITH SYSTEM VERSIONING");
+    let out = backup_as(&server, &["-u", "root"], &[], &ckpt);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("system-versioned") && stderr(&out).contains("app.hist"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!ckpt.exists());
+
+    // With the privilege, the table and its trigger are copied and work on the copy.
+    server.exec("DROP TABLE app.hist; GRANT TRIGGER ON *.* TO bk@localhost");
+    let out = backup_as(
+        &server,
+        &[
+            "-u",
+            "bk",
+            "--target-dir",
+            tmp.path().join("b").to_str().unwrap(),
+        ],
+        &[("MYSQL_PWD", "Sekr1t-pw")],
+        &ckpt,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let restored = tmp.path().join("r");
+    restore_ok("copy-back", &tmp.path().join("b"), &restored, &[]);
+    let copy = Server::start_on(&restored, &[]);
+    copy.exec("INSERT INTO app.inno VALUES (2)");
+    assert_eq!(copy.value("SELECT GROUP_CONCAT(id) FROM app.audit"), "2");
+    assert_eq!(copy.value("SELECT COUNT(*) FROM app.inno"), "2");
+}
+
+#[test]
 fn a_checkpoint_directory_on_another_filesystem_is_refused() {
     let server = server_with_backup_user();
     let other = tempfile::tempdir_in("/dev/shm").unwrap();

@@ -40,7 +40,7 @@ fn create_inno_zoo(server: &Server) {
            (1, b'1000000101', ST_GeomFromText('LINESTRING(0 0,1 1)'), POINT(1, 2), 0.1234567, 1e-300,
             '{\"a\": [1, \"\\\\t\"]}', 'y', 'p,q', 2024, '-838:59:59.5', '2020-01-01 10:00:00.123456',
             '2021-02-03 00:00:00', '0000-00-00', -12345678901234567890.0123456789, RANDOM_BYTES(1000), 9),
-           (2, NULL, NULL, POINT(0, 0), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, '', 8);
+           (2, NULL, NULL, POINT(0, 0), NULL, NULL, NULL, NULL, NULL, 0, NULL, NULL, NULL, NULL, NULL, '', 8);
          CREATE TABLE parted (id INT PRIMARY KEY, v INT) ENGINE=InnoDB PARTITION BY RANGE (id)
            (PARTITION p0 VALUES LESS THAN (500), PARTITION p1 VALUES LESS THAN MAXVALUE);
          INSERT INTO parted SELECT seq, seq * 2 FROM seq_1_to_1000;
@@ -48,8 +48,16 @@ fn create_inno_zoo(server: &Server) {
          SELECT NEXTVAL(sq), NEXTVAL(sq);
          CREATE TABLE empty_t (id INT PRIMARY KEY) ENGINE=InnoDB;
          CREATE TABLE `we ird``name` (`col umn` INT PRIMARY KEY) ENGINE=InnoDB;
-         INSERT INTO `we ird``name` VALUES (5);",
+         INSERT INTO `we ird``name` VALUES (5);
+         CREATE TRIGGER child_ai_first AFTER INSERT ON child FOR EACH ROW PRECEDES child_ai SET @seen = NEW.id;",
     );
+    // A definition longer than a line of the bootstrap's input.
+    let values: Vec<String> = (0..3000).map(|i| format!("'value {i:04}'")).collect();
+    server.exec(&format!(
+        "CREATE TABLE inno_zoo.wide (id INT PRIMARY KEY, e ENUM({})) ENGINE=InnoDB;
+         INSERT INTO inno_zoo.wide VALUES (1, 'value 2999'), (2, 'value 0000')",
+        values.join(",")
+    ));
 }
 
 /// Makes `copy` replicate from `source` from `gtid` and checks that both engines' tables
@@ -77,8 +85,12 @@ fn assert_zoo_restored(copy: &Server, source: &Server) {
     assert_eq!(copy.checksums("inno_zoo"), source.checksums("inno_zoo"));
     assert_eq!(copy.value("SELECT NEXTVAL(inno_zoo.sq)"), "1001");
     assert_eq!(
-        copy.value("SELECT GROUP_CONCAT(inv ORDER BY id) FROM inno_zoo.types"),
-        "9,8"
+        copy.value("SELECT GROUP_CONCAT(inv, '/', y ORDER BY id) FROM inno_zoo.types"),
+        "9/2024,8/0000"
+    );
+    assert_eq!(
+        copy.value("SELECT GROUP_CONCAT(TRIGGER_NAME ORDER BY ACTION_ORDER) FROM information_schema.TRIGGERS WHERE EVENT_OBJECT_TABLE = 'child' AND ACTION_TIMING = 'AFTER'"),
+        "child_ai_first,child_ai"
     );
     assert_eq!(
         copy.value("SELECT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = 'inno_zoo' AND TABLE_NAME = 'child'"),
@@ -130,15 +142,20 @@ fn mixed_server_is_consistent_across_engines_after_a_hot_backup() {
     let load = Load::start_mixed(&source);
     std::thread::sleep(Duration::from_millis(500));
 
+    // A compressed stream, unpacked by `extract` (which decodes `.zst` files on the way).
     let stream = tmp.path().join("backup.xb");
-    let log = backup_ok(backup_cmd(&source, &["--stream", "xbstream"]), &stream, 0);
+    let log = backup_ok(
+        backup_cmd(&source, &["--stream", "xbstream", "--compress"]),
+        &stream,
+        0,
+    );
     assert!(log.contains("InnoDB snapshots"), "{log}");
     assert!(
-        log.contains("Read 11 InnoDB tables from the consistent snapshot"),
+        log.contains("Read 12 InnoDB tables from the consistent snapshot"),
         "{log}"
     );
     let x = tmp.path().join("x");
-    extract_with("mbstream", &stream, &x);
+    extract_with("ours", &stream, &x);
     let commits_during = load.commits();
     assert!(commits_during > 0, "the load must run during the backup");
 
@@ -161,12 +178,12 @@ fn mixed_server_is_consistent_across_engines_after_a_hot_backup() {
         .unwrap()
         .to_string();
     // The rows are compressed once, by the backup: no InnoDB file is in the backup.
-    assert!(std::fs::read_dir(x.join("#innodb")).unwrap().count() >= 9);
+    assert!(std::fs::read_dir(x.join("#innodb")).unwrap().count() >= 10);
     assert!(!x.join("mixed/inno_ledger.frm").exists() && !x.join("mixed/inno_ledger.ibd").exists());
     let info = run_ok(Command::new(bin()).arg("info").arg(&x));
     let info = String::from_utf8_lossy(&info.stdout);
     assert!(
-        info.contains("InnoDB tables:     11 copied logically")
+        info.contains("InnoDB tables:     12 copied logically")
             && info.contains("mixed.inno_filler"),
         "{info}"
     );
@@ -176,7 +193,7 @@ fn mixed_server_is_consistent_across_engines_after_a_hot_backup() {
     let restore_log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{restore_log}");
     assert!(
-        restore_log.contains("Loaded 11 InnoDB tables"),
+        restore_log.contains("Loaded 12 InnoDB tables"),
         "{restore_log}"
     );
     assert!(!restored.join("#myrocks_hotbackup_load").exists());
@@ -251,9 +268,12 @@ fn mixed_server_through_a_directory_a_repository_and_a_bootstrap_run_by_hand() {
         .filter(|f| f["kind"] == "logical")
         .collect();
     assert!(!logical.is_empty());
-    assert!(logical
-        .iter()
-        .all(|f| f["path"].as_str().unwrap().ends_with(".tsv.zst") && f.get("original").is_none()));
+    assert!(
+        logical
+            .iter()
+            .all(|f| f["path"].as_str().unwrap().ends_with(".tsv.zstd")
+                && f.get("original").is_none())
+    );
     run_ok(Command::new(bin()).arg("verify").arg(&dir));
 
     // A repository backup, restored from the repository.
