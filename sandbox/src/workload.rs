@@ -118,7 +118,7 @@ fn mixed_transfer(w: u64, lo: u64, hi: u64) -> String {
     let half = ACCOUNTS / 2;
     let rocks = 1 + lo % half;
     let inno = half + 1 + hi % half;
-    let amount = if (lo + hi) % 2 == 0 { 1 } else { -1 };
+    let amount = if (lo + hi).is_multiple_of(2) { 1 } else { -1 };
     format!(
         "START TRANSACTION;
          UPDATE rocks_accounts SET balance = balance - ({amount}) WHERE id = {rocks};
