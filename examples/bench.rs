@@ -190,7 +190,11 @@ impl Case {
 
     /// Our backup, with `--report` into `work`.
     fn ours(name: &'static str, script: &str, work: &Path) -> Case {
-        let report = work.join(format!("report-{}.json", name.replace([' ', '/'], "_")));
+        let file: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let report = work.join(format!("report-{file}.json"));
         Case {
             name,
             script: script.replace("{REPORT}", &format!("--report {}", report.display())),
@@ -2167,7 +2171,7 @@ fn mixed_section(tool: &Path, work: &Path, target: &Path, path: &str, opts: &Opt
     let tool = tool.display();
     let backups = vec![
         Case::ours(
-            "myrocks-hotbackup --target-dir",
+            "myrocks-hotbackup --target-dir (InnoDB rows read logically)",
             &format!("{tool} backup --target-dir {t}/ours --socket {sock} --user root {{REPORT}} 2>/dev/null"),
             work,
         )
@@ -2219,7 +2223,7 @@ fn mixed_section(tool: &Path, work: &Path, target: &Path, path: &str, opts: &Opt
         )
         .then(format!("rm -rf {w}/restored")),
         Case::new(
-            "mariabackup --copy-back",
+            "mariabackup --copy-back (prepared)",
             format!("mariabackup --copy-back --target-dir={t}/mb --datadir={w}/restored 2>/dev/null && sync"),
         )
         .then(format!("rm -rf {w}/restored")),
@@ -2238,7 +2242,7 @@ fn mixed_section(tool: &Path, work: &Path, target: &Path, path: &str, opts: &Opt
         &restores,
         &samples,
         bytes,
-        "mariabackup --copy-back",
+        "mariabackup --copy-back (prepared)",
         false,
     ));
     let log = fs::read_to_string(&restore_log).unwrap_or_default();

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sandbox::workload::{assert_bank_consistent, load_bank, Load};
+use sandbox::workload::{
+    assert_bank_consistent, assert_mixed_consistent, load_bank, load_mixed_bank, Load,
+};
 use sandbox::Server;
 
 fn tool() -> PathBuf {
@@ -38,9 +40,12 @@ fn main() {
         (rows * 500) >> 20
     ));
     load_bank(&source, rows);
+    step("and a mixed bank: accounts half in RocksDB, half in InnoDB");
+    load_mixed_bank(&source, rows / 20);
 
-    step("starting 6 writers (multi-statement transfers between accounts)");
+    step("starting 6 + 6 writers (transfers between accounts, across engines in the mixed bank)");
     let load = Load::start(&source);
+    let mixed_load = Load::start_mixed(&source);
     std::thread::sleep(Duration::from_secs(1));
 
     step("hot backup | extract, while the writers keep going");
@@ -174,8 +179,9 @@ fn main() {
         "the restored server logged errors: {errors:?}"
     );
 
-    step("verifying: every transaction all-or-nothing in the copy");
+    step("verifying: every transaction all-or-nothing in the copy, across engines too");
     assert_bank_consistent(&copy);
+    assert_mixed_consistent(&copy);
 
     step(&format!(
         "verifying: replicate from the recorded GTID {gtid}, then compare checksums"
@@ -186,18 +192,20 @@ fn main() {
          START SLAVE",
         source.port
     ));
-    let commits = load.stop();
+    let commits = load.stop() + mixed_load.stop();
     let end = source.value("SELECT @@gtid_binlog_pos");
     assert_eq!(
         copy.value(&format!("SELECT MASTER_GTID_WAIT('{end}', 300)")),
         "0",
         "the copy did not catch up"
     );
-    assert_eq!(
-        copy.checksums("bank"),
-        source.checksums("bank"),
-        "the copy differs from the source"
-    );
+    for db in ["bank", "mixed"] {
+        assert_eq!(
+            copy.checksums(db),
+            source.checksums(db),
+            "the copy differs from the source in {db}"
+        );
+    }
 
     let mib = bytes as f64 / (1 << 20) as f64;
     println!();

@@ -70,6 +70,10 @@ pub struct Snapshot {
     pub source: String,
     /// Seconds since the epoch: when the backup's consistent point was taken.
     pub time: i64,
+    /// Milliseconds since the epoch when the snapshot was committed: orders snapshots taken
+    /// within one second (`latest`). Zero in snapshots of format 1.
+    #[serde(default)]
+    pub committed_ms: u64,
     pub gtid: Option<String>,
     /// `FILE:POSITION` in the binary log.
     pub binlog: Option<String>,
@@ -331,7 +335,7 @@ impl Repo {
                 out.push(s);
             }
         }
-        out.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
+        out.sort_by(|a, b| (a.time, a.committed_ms, &a.id).cmp(&(b.time, b.committed_ms, &b.id)));
         Ok(out)
     }
 

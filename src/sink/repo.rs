@@ -382,6 +382,9 @@ impl Sink for RepoSink {
                 .unwrap_or_else(crate::sys::hostname),
             source: self.source.clone(),
             time: summary.finished.unwrap_or(self.started),
+            committed_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             gtid: summary.gtid_binlog_pos.clone(),
             binlog: summary
                 .binlog_file

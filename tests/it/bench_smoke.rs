@@ -66,6 +66,7 @@ fn the_benchmark_runs_every_case_on_tiny_data() {
         "{text}"
     );
     for row in [
+        "| myrocks-hotbackup --target-dir (InnoDB rows read logically) |",
         "| myrocks-hotbackup copy-back (loads the InnoDB rows) |",
         "| mariadb-dump --single-transaction (InnoDB part only) |",
         "| mariadb < dump (InnoDB part only, binary log off) |",
