@@ -1,19 +1,19 @@
 //! The InnoDB user tables of a mixed server, copied logically from the consistent point.
 //!
 //! InnoDB's files cannot be copied hot without replaying its redo log (mariabackup's way);
-//! its rows can be read from a snapshot instead. Under `BLOCK_DDL` the tables' definitions
-//! and triggers are read ([`plan`]); under `BLOCK_COMMIT`, after the coordinates, each of a
-//! few connections opened beforehand starts `START TRANSACTION WITH CONSISTENT SNAPSHOT`
-//! ([`Snapshots::start`]): with commits blocked, every snapshot sees exactly the
-//! transactions the RocksDB copy and the binary log coordinates hold, which the server
-//! confirms (`binlog_snapshot_file` and `_position` equal the coordinates). After `END`
-//! the connections read the tables, largest first, into compressed files in the run's
-//! scratch directory ([`Snapshots::dump`]), while the RocksDB files are sent; the files
-//! are then sent as any other.
+//! its rows can be read from a read view instead. Under `BLOCK_DDL` the tables' definitions
+//! and triggers are read ([`plan`]), and a few connections open read-only transactions;
+//! under `BLOCK_COMMIT`, after the coordinates, each opens its InnoDB read view
+//! ([`Snapshots::start`]): with commits blocked, every view holds exactly the transactions
+//! the RocksDB copy and the binary log coordinates hold. After `END` the connections read
+//! the tables, largest first, into compressed files in the run's scratch directory
+//! ([`Snapshots::dump`]), while the RocksDB files are sent; the files are then sent as any
+//! other.
 //!
-//! A table dropped or rebuilt between `END` and its reading fails the backup with the
-//! server's error ("Table definition has changed"): holding metadata locks instead would
-//! queue the DBA's DDL, and every query behind it, for the length of the copy.
+//! Each table is locked against DDL only while it is read (a savepoint rolled back after
+//! each, as `mysqldump --single-transaction` does), and its definition is then compared with
+//! the one read under `BLOCK_DDL`: a table changed or replaced since the consistent point
+//! fails the backup rather than be copied wrong.
 
 use std::fs;
 use std::io::{BufWriter, Write};
@@ -210,13 +210,17 @@ impl Plan {
 /// Connections opened before the consistent point, each to hold one snapshot.
 pub struct Snapshots {
     conns: Vec<(Server, Watcher)>,
+    /// The InnoDB table of `mysql` whose read opens each connection's read view.
+    view_table: Option<String>,
 }
 
 impl Snapshots {
-    /// Opens the connections (`tables` InnoDB tables to read) and readies their sessions.
+    /// Opens the connections (`tables` InnoDB tables to read) and readies their sessions,
+    /// their transactions begun when `view_table` is known (see [`Snapshots::start`]).
     pub fn connect(
         creds: &Credentials,
         tables: usize,
+        view_table: Option<&str>,
         lock_wait_timeout: u64,
         cancel: &Cancel,
     ) -> Result<Snapshots> {
@@ -232,28 +236,29 @@ impl Snapshots {
                  net_write_timeout = 3600, tx_isolation = 'REPEATABLE-READ', \
                  lock_wait_timeout = {lock_wait_timeout}"
             ))?;
+            // InnoDB and RocksDB begin their parts of it at its first read.
+            if view_table.is_some() {
+                conn.exec("START TRANSACTION READ ONLY")?;
+            }
             conns.push((conn, watcher));
         }
-        Ok(Snapshots { conns })
+        Ok(Snapshots {
+            conns,
+            view_table: view_table.map(str::to_string),
+        })
     }
 
     /// Under `BLOCK_COMMIT`: every connection opens its InnoDB read view, which then holds
-    /// exactly the transactions committed before the block. A read of `view_table` (an
+    /// exactly the transactions committed before the block. A read of the view table (an
     /// InnoDB table of `mysql`) opens it; `START TRANSACTION WITH CONSISTENT SNAPSHOT` would
     /// also pin a RocksDB snapshot, which keeps compaction from dropping overwritten rows for
     /// the length of the copy, and is used only when there is no such table.
-    pub fn start(&mut self, view_table: Option<&str>) -> Result<()> {
+    pub fn start(&mut self) -> Result<()> {
         for (conn, _) in &mut self.conns {
-            match view_table {
-                Some(t) => {
-                    conn.exec("START TRANSACTION READ ONLY")?;
-                    conn.exec(&format!("SELECT 1 FROM mysql.{} LIMIT 1", ident(t)))?;
-                }
+            match &self.view_table {
+                Some(t) => conn.exec(&format!("SELECT 1 FROM mysql.{} LIMIT 1", ident(t)))?,
                 None => conn.exec("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")?,
             }
-            // Each table's metadata lock is released once it is read (ROLLBACK TO SAVEPOINT),
-            // so that DDL waits for no more than the reading of its own table.
-            conn.exec("SAVEPOINT myrocks_hotbackup")?;
         }
         Ok(())
     }
@@ -270,14 +275,19 @@ impl Snapshots {
     ) -> Result<(Logical, Vec<(String, PathBuf)>)> {
         let started = Instant::now();
         let threads = self.conns.len();
+        let mut conns = self.conns;
+        for (conn, _) in &mut conns {
+            // Each table's metadata lock is released once it is read (ROLLBACK TO SAVEPOINT),
+            // so that DDL waits for no more than the reading of its own table.
+            conn.exec("SAVEPOINT myrocks_hotbackup")?;
+        }
         let mut queue: Vec<(usize, LogicalTable)> = plan.tables.into_iter().enumerate().collect();
         // Largest last: popped first.
         queue.sort_by_key(|(_, t)| t.size_on_server);
         let queue = Mutex::new(queue);
         let done = Mutex::new(Vec::new());
         let results: Vec<Result<()>> = std::thread::scope(|s| {
-            let workers: Vec<_> = self
-                .conns
+            let workers: Vec<_> = conns
                 .into_iter()
                 .map(|(mut conn, watcher)| {
                     let (queue, done) = (&queue, &done);

@@ -636,9 +636,14 @@ impl Job<'_> {
                     &sel.innodb_user_tables,
                     &sel.innodb_user_tables_with_triggers,
                 )?;
+                let view_table = sel
+                    .innodb_system_tables
+                    .iter()
+                    .find(|t| *t == "innodb_table_stats");
                 let snapshots = logical::Snapshots::connect(
                     creds,
                     plan.len(),
+                    view_table.map(String::as_str),
                     args.lock_wait_timeout,
                     &self.cancel,
                 )?;
@@ -727,11 +732,7 @@ impl Job<'_> {
             steps.push(("coordinates", step.elapsed()));
             if let Some((_, snapshots)) = &mut logical {
                 let step = Instant::now();
-                let view_table = sel
-                    .innodb_system_tables
-                    .iter()
-                    .find(|t| *t == "innodb_table_stats");
-                snapshots.start(view_table.map(String::as_str))?;
+                snapshots.start()?;
                 steps.push(("InnoDB snapshots", step.elapsed()));
             }
             Ok((binlog, replica, pins))
