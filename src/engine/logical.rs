@@ -50,6 +50,9 @@ const BATCH: usize = 1 << 20;
 /// The InnoDB user tables with their definitions, read while DDL is blocked.
 pub struct Plan {
     tables: Vec<LogicalTable>,
+    /// Each table's `CREATE_TIME` (its `.frm` file's change time, which a rename or an
+    /// ALTER sets): with the definition, what tells a table replaced since the plan.
+    created: Vec<Option<String>>,
     triggers: Vec<Trigger>,
     /// Tables with at least one trigger the backup's user can see.
     tables_with_triggers: usize,
@@ -57,18 +60,20 @@ pub struct Plan {
 
 /// Reads the definitions of the InnoDB tables outside `mysql`, and their triggers.
 pub fn plan(server: &mut Server) -> Result<Plan> {
-    // Definitions in the charset the reading connections check them in (`dump_one`).
-    server.exec("SET NAMES utf8mb4")?;
-    let listed: Vec<(String, String, String, Option<u64>)> = server.rows(
-        "SELECT TABLE_SCHEMA, TABLE_NAME, TABLE_TYPE, DATA_LENGTH + INDEX_LENGTH FROM information_schema.TABLES
+    // Definitions and times as the reading connections check them (`dump_one`).
+    server.exec("SET NAMES utf8mb4, time_zone = '+00:00'")?;
+    type Listed = (String, String, String, Option<u64>, Option<String>);
+    let listed: Vec<Listed> = server.rows(
+        "SELECT TABLE_SCHEMA, TABLE_NAME, TABLE_TYPE, DATA_LENGTH + INDEX_LENGTH, CAST(CREATE_TIME AS CHAR)
+         FROM information_schema.TABLES
          WHERE ENGINE = 'InnoDB' AND TABLE_SCHEMA NOT IN ('mysql', 'information_schema', 'performance_schema')
          ORDER BY TABLE_SCHEMA, TABLE_NAME",
         (),
     )?;
     let versioned: Vec<String> = listed
         .iter()
-        .filter(|(_, _, kind, _)| kind == "SYSTEM VERSIONED")
-        .map(|(db, t, _, _)| format!("{db}.{t}"))
+        .filter(|(_, _, kind, _, _)| kind == "SYSTEM VERSIONED")
+        .map(|(db, t, _, _, _)| format!("{db}.{t}"))
         .collect();
     if !versioned.is_empty() {
         return Err(Error::Refused(format!(
@@ -78,9 +83,11 @@ pub fn plan(server: &mut Server) -> Result<Plan> {
         )));
     }
     let mut tables = Vec::new();
+    let mut created = Vec::new();
     let mut triggers = Vec::new();
     let mut tables_with_triggers = 0;
-    for (schema, name, kind, size) in listed {
+    for (schema, name, kind, size, create_time) in listed {
+        created.push(create_time);
         let sequence = kind == "SEQUENCE";
         let create =
             server.show_create(if sequence { "SEQUENCE" } else { "TABLE" }, &schema, &name)?;
@@ -144,6 +151,7 @@ pub fn plan(server: &mut Server) -> Result<Plan> {
     }
     Ok(Plan {
         tables,
+        created,
         triggers,
         tables_with_triggers,
     })
@@ -233,6 +241,7 @@ impl Snapshots {
             // Values as stored (no charset conversion), TIMESTAMPs in UTC, out of the
             // general log, no server timeout while this side writes, and no endless wait
             // behind a DDL's lock.
+            conn.exec("SET NAMES utf8mb4")?;
             conn.exec(&format!(
                 "SET SESSION sql_log_off = 1, time_zone = '+00:00', character_set_results = binary, \
                  net_write_timeout = 3600, tx_isolation = 'REPEATABLE-READ', \
@@ -283,9 +292,15 @@ impl Snapshots {
             // so that DDL waits for no more than the reading of its own table.
             conn.exec("SAVEPOINT myrocks_hotbackup")?;
         }
-        let mut queue: Vec<(usize, LogicalTable)> = plan.tables.into_iter().enumerate().collect();
+        let mut queue: Vec<(usize, LogicalTable, Option<String>)> = plan
+            .tables
+            .into_iter()
+            .zip(plan.created)
+            .enumerate()
+            .map(|(i, (t, created))| (i, t, created))
+            .collect();
         // Largest last: popped first.
-        queue.sort_by_key(|(_, t)| t.size_on_server);
+        queue.sort_by_key(|(_, t, _)| t.size_on_server);
         let queue = Mutex::new(queue);
         let done = Mutex::new(Vec::new());
         let results: Vec<Result<()>> = std::thread::scope(|s| {
@@ -299,10 +314,12 @@ impl Snapshots {
                             if stop.load(Ordering::Relaxed) {
                                 return Ok(());
                             }
-                            let Some((index, mut table)) = queue.lock().unwrap().pop() else {
+                            let Some((index, mut table, created)) = queue.lock().unwrap().pop()
+                            else {
                                 return Ok(());
                             };
-                            let read = dump_one(&mut conn, index, &mut table, dir, space, stop);
+                            let read =
+                                dump_one(&mut conn, index, &mut table, &created, dir, space, stop);
                             if read.is_err() {
                                 // The others stop too.
                                 stop.store(true, Ordering::Relaxed);
@@ -357,10 +374,12 @@ impl Snapshots {
 }
 
 /// Reads one table (or a sequence's state). Returns the data file written, if any.
+#[allow(clippy::too_many_arguments)]
 fn dump_one(
     conn: &mut Server,
     index: usize,
     table: &mut LogicalTable,
+    created: &Option<String>,
     dir: &Path,
     space: &(dyn Fn() -> Result<()> + Sync),
     stop: &AtomicBool,
@@ -430,8 +449,15 @@ fn dump_one(
     // metadata lock, held since the read, keeps it from changing until the lock is released.
     conn.exec("SET SESSION character_set_results = utf8mb4")?;
     let now = conn.show_create("TABLE", &table.schema, &table.name)?;
+    let created_now: Vec<(Option<String>,)> = conn.rows(
+        "SELECT CAST(CREATE_TIME AS CHAR) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+        (&table.schema, &table.name),
+    )?;
     conn.exec("SET SESSION character_set_results = binary")?;
-    if without_auto_increment(&now) != without_auto_increment(&table.create) {
+    let created_now = created_now.into_iter().next().and_then(|(c,)| c);
+    if without_auto_increment(&now) != without_auto_increment(&table.create)
+        || created_now != *created
+    {
         return Err(Error::Refused(format!(
             "the InnoDB table {}.{} was altered, replaced or renamed after the backup's consistent point, \
              before it was read: run the backup again once the DDL is done",

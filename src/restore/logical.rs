@@ -31,12 +31,14 @@ const MAX_LINE: usize = 10_000;
 /// The statements that create and load the tables. `source(i)` is where the bootstrap
 /// reads the rows of table `i` from.
 pub fn script(logical: &Logical, source: impl Fn(usize) -> String) -> String {
-    // Not strict: the rows come from tables of the same definitions, and legacy values the
-    // source kept (an ENUM's '' or a date stored under ALLOW_INVALID_DATES) load as they were.
+    // Not strict, no CHECK constraints: the rows come from tables of the same definitions,
+    // and legacy values the source kept (an ENUM's '', a date stored under
+    // ALLOW_INVALID_DATES, rows older than a CHECK) load as they were.
     let mut sql = String::from(
         "SET NAMES utf8mb4;\n\
          SET SESSION sql_mode = 'NO_AUTO_VALUE_ON_ZERO,NO_ENGINE_SUBSTITUTION,ALLOW_INVALID_DATES', \
-         time_zone = '+00:00', foreign_key_checks = 0, unique_checks = 0, innodb_strict_mode = 0;\n",
+         time_zone = '+00:00', foreign_key_checks = 0, unique_checks = 0, innodb_strict_mode = 0, \
+         check_constraint_checks = 0;\n",
     );
     for (i, t) in logical.tables.iter().enumerate() {
         sql.push_str(&format!(
@@ -195,6 +197,8 @@ fn check(t: &LogicalTable, (size, crc): (u64, u32)) -> Result<()> {
 /// Named pipes the bootstrap reads the tables from, fed from the backup by a thread.
 pub struct Pipes {
     done: Arc<AtomicBool>,
+    /// Set when the feeding failed (or panicked).
+    failed: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<()>>>,
     /// The pipe of each table (empty for tables not loaded).
     pub paths: Vec<String>,
@@ -221,35 +225,28 @@ impl Pipes {
         }
         let done = Arc::new(AtomicBool::new(false));
         let stop = done.clone();
+        let failed = Arc::new(AtomicBool::new(false));
+        let flag = failed.clone();
         let thread = std::thread::spawn(move || {
-            let mut failed = None;
-            for (pipe, source, table) in jobs {
-                let out = match open_when_read(&pipe, &stop) {
-                    Ok(Some(out)) => out,
-                    Ok(None) => break, // the bootstrap has ended
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                        continue;
-                    }
-                };
-                // After a failure the pipes are closed empty: the bootstrap's row count
-                // check then fails and it ends, rather than wait for rows forever.
-                if failed.is_none() {
-                    let mut out = out;
-                    let fed = compress::decode_file(&source, Some(&mut out))
-                        .and_then(|decoded| check(&table, decoded));
-                    if let Err(e) = fed {
-                        failed = Some(e);
-                    }
-                }
+            let panicked = SetOnDrop(Some(flag.clone()));
+            let fed = feed(jobs, &stop);
+            if fed.is_err() {
+                flag.store(true, Ordering::Relaxed);
             }
-            failed.map_or(Ok(()), Err)
+            panicked.disarm();
+            fed
         });
         Ok(Pipes {
             done,
+            failed,
             thread: Some(thread),
             paths,
         })
+    }
+
+    /// True once the feeding has failed: the bootstrap is to be stopped.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
     }
 
     /// Called once the bootstrap has ended: the feeding's error, if any.
@@ -268,6 +265,34 @@ impl Drop for Pipes {
         self.done.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Decodes each data file into its pipe, in the script's order, once the bootstrap opens it.
+fn feed(jobs: Vec<(PathBuf, PathBuf, LogicalTable)>, stop: &AtomicBool) -> Result<()> {
+    for (pipe, source, table) in jobs {
+        let Some(mut out) = open_when_read(&pipe, stop)? else {
+            return Ok(()); // the bootstrap has ended: its status tells
+        };
+        check(&table, compress::decode_file(&source, Some(&mut out))?)?;
+    }
+    Ok(())
+}
+
+/// Sets its flag when dropped, unless disarmed: a thread's "I panicked".
+struct SetOnDrop(Option<Arc<AtomicBool>>);
+
+impl SetOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        if let Some(flag) = &self.0 {
+            flag.store(true, Ordering::Relaxed);
         }
     }
 }

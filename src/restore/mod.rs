@@ -118,7 +118,7 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
                     Some(l) => {
                         bootstrap_with_tables(mariadbd, defaults, &datadir, script, backup, l)
                     }
-                    None => bootstrap_innodb(mariadbd, defaults, &datadir, &script),
+                    None => bootstrap_innodb(mariadbd, defaults, &datadir, &script, &|| false),
                 };
                 undo.created
                     .extend(listing(&datadir).difference(&before).cloned());
@@ -443,12 +443,14 @@ fn shell_quote(word: &str) -> String {
     }
 }
 
-/// Creates the InnoDB system tablespace and the `mysql` InnoDB tables in the new datadir.
+/// Runs `script` (which starts with `USE mysql`) with `mariadbd --bootstrap` in the new
+/// datadir, creating the InnoDB system tablespace; stops it when `abort` says so.
 fn bootstrap_innodb(
     mariadbd: &Path,
     defaults_file: Option<&Path>,
     datadir: &Path,
-    sql: &str,
+    script: &str,
+    abort: &(dyn Fn() -> bool + Sync),
 ) -> Result<()> {
     let log = tempfile::NamedTempFile::new().context(|| "cannot create a temporary file".into())?;
     let mut cmd = Command::new(mariadbd);
@@ -461,13 +463,31 @@ fn bootstrap_innodb(
         cmd.arg("--user=root");
     }
     let mut child = cmd.spawn().with_path("run", mariadbd)?;
-    let script = format!("USE mysql;\n{sql}");
-    let wrote = child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script.as_bytes());
-    let status = child.wait().with_path("wait for", mariadbd)?;
+    let mut stdin = child.stdin.take().expect("piped");
+    // Written from a thread: the script may outgrow the pipe while the bootstrap waits.
+    let (wrote, status) = std::thread::scope(|s| {
+        let writer = s.spawn(move || stdin.write_all(script.as_bytes()));
+        let mut stopped = false;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Ok(status),
+                Ok(None) if abort() && !stopped => {
+                    stopped = true;
+                    let _ = child.kill();
+                }
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                Err(e) => break Err(e),
+            }
+        };
+        (
+            writer.join().expect("the script writer panicked"),
+            status.map(|s| (s, stopped)),
+        )
+    });
+    let (status, stopped) = status.with_path("wait for", mariadbd)?;
+    if stopped {
+        return Err(Error::Closed); // the caller reports why
+    }
     if !status.success() || wrote.is_err() {
         let text = fs::read_to_string(log.path()).unwrap_or_default();
         return Err(Error::Server(format!(
@@ -495,11 +515,16 @@ fn bootstrap_with_tables(
         .with_path("create", &dir)?;
     let booted = logical::Pipes::feed(backup, tables, &dir).and_then(|pipes| {
         script.push_str(&logical::script(tables, |i| pipes.paths[i].clone()));
-        let booted = bootstrap_innodb(mariadbd, defaults_file, datadir, &script);
+        // A feeder that fails stops the bootstrap: it may be waiting on a pipe never opened.
+        let booted = bootstrap_innodb(mariadbd, defaults_file, datadir, &script, &|| {
+            pipes.failed()
+        });
         match (booted, pipes.finish()) {
-            // A damaged file says more than the bootstrap's failure it causes.
-            (_, Err(e @ Error::Corrupt(_))) | (Ok(()), Err(e)) | (Err(e), _) => Err(e),
-            (Ok(()), Ok(())) => Ok(()),
+            (Ok(()), fed) => fed,
+            // A damaged file, or a feeding that failed and had the bootstrap stopped, says
+            // more than the bootstrap's end; a bootstrap that failed by itself says why.
+            (Err(Error::Closed), Err(e)) | (Err(_), Err(e @ Error::Corrupt(_))) => Err(e),
+            (Err(e), _) => Err(e),
         }
     });
     let _ = fs::remove_dir_all(&dir);
@@ -618,13 +643,19 @@ fn transfer_error(src: &Path, dst: &Path, e: std::io::Error) -> Error {
     }
 }
 
-/// The paths in a directory and in its `mysql/` subdirectory: what the bootstrap may add to.
+/// The paths in a datadir and in its databases' directories: what the bootstrap may add to
+/// (the `mysql` schema, and the InnoDB user tables it loads).
 fn listing(datadir: &Path) -> HashSet<PathBuf> {
-    [datadir.to_path_buf(), datadir.join("mysql")]
-        .iter()
-        .filter_map(|d| fs::read_dir(d).ok())
+    let top: HashSet<PathBuf> = fs::read_dir(datadir)
+        .into_iter()
         .flat_map(|rd| rd.flatten().map(|e| e.path()))
-        .collect()
+        .collect();
+    let inner = top
+        .iter()
+        .filter(|p| p.is_dir())
+        .filter_map(|d| fs::read_dir(d).ok())
+        .flat_map(|rd| rd.flatten().map(|e| e.path()));
+    inner.chain(top.iter().cloned()).collect()
 }
 
 /// Copies a file or directory tree, keeping modes and modification times, and decoding the

@@ -328,6 +328,41 @@ fn mixed_server_through_a_directory_a_repository_and_a_bootstrap_run_by_hand() {
     assert_mixed_consistent(&copy);
     assert_zoo_restored(&copy, &source);
 
+    // A bootstrap that fails half-way (a row count that does not match the rows) in move
+    // mode: the target is not created, and the backup is left as it was (the tables the
+    // bootstrap created in the moved directories go with them).
+    let plain = tmp.path().join("plain");
+    let p = plain.to_str().unwrap();
+    backup_ok(
+        backup_cmd(&source, &["--target-dir", p]),
+        Path::new("/dev/null"),
+        0,
+    );
+    let manifest_path = plain.join("myrocks_hotbackup.json");
+    let original = std::fs::read_to_string(&manifest_path).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let tables = m["backup"]["innodb_logical"]["tables"]
+        .as_array_mut()
+        .unwrap();
+    let t = tables
+        .iter_mut()
+        .find(|t| t["name"] == "inno_totals")
+        .unwrap();
+    t["rows"] = serde_json::json!(t["rows"].as_u64().unwrap() + 1);
+    std::fs::write(&manifest_path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let failed = tmp.path().join("failed");
+    let out = Command::new(bin())
+        .args(["move-back", "--backup-dir", p, "--datadir"])
+        .arg(&failed)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("a different number was loaded"), "{log}");
+    assert!(!failed.exists());
+    std::fs::write(&manifest_path, original).unwrap();
+    run_ok(Command::new(bin()).arg("verify").arg(&plain));
+
     // A damaged data file is found before anything is restored.
     let victim = dir.join(logical[0]["path"].as_str().unwrap());
     let mut bytes = std::fs::read(&victim).unwrap();
