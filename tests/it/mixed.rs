@@ -63,18 +63,7 @@ fn create_inno_zoo(server: &Server) {
 /// Makes `copy` replicate from `source` from `gtid` and checks that both engines' tables
 /// converge to the source's checksums.
 fn assert_converges(copy: &Server, source: &Server, gtid: &str) {
-    copy.exec(&format!(
-        "SET GLOBAL gtid_slave_pos = '{gtid}';
-         CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {}, MASTER_USER = 'root', MASTER_USE_GTID = slave_pos;
-         START SLAVE",
-        source.port
-    ));
-    let end = source.value("SELECT @@gtid_binlog_pos");
-    assert_eq!(
-        copy.value(&format!("SELECT MASTER_GTID_WAIT('{end}', 120)")),
-        "0",
-        "the restored copy did not catch up from {gtid}"
-    );
+    catch_up_from(copy, source, gtid);
     assert_eq!(copy.checksums("mixed"), source.checksums("mixed"));
     assert_mixed_consistent(copy);
     assert_eq!(copy.logged_errors(), Vec::<String>::new());

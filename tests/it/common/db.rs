@@ -204,6 +204,14 @@ impl Drop for Mount {
 /// backup's GTID, and checks that it converges to the source's checksums.
 pub fn assert_replicates_from_backup_gtid(copy: &Server, source: &Server, gtid: &str) {
     sandbox::workload::assert_bank_consistent(copy);
+    catch_up_from(copy, source, gtid);
+    assert_eq!(copy.checksums("bank"), source.checksums("bank"));
+    assert_eq!(copy.logged_errors(), Vec::<String>::new());
+}
+
+/// Makes `copy` replicate from `source` from `gtid`, and waits until it has applied all
+/// that `source` has written.
+pub fn catch_up_from(copy: &Server, source: &Server, gtid: &str) {
     copy.exec(&format!(
         "SET GLOBAL gtid_slave_pos = '{gtid}';
          CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {}, MASTER_USER = 'root', MASTER_USE_GTID = slave_pos;
@@ -216,6 +224,4 @@ pub fn assert_replicates_from_backup_gtid(copy: &Server, source: &Server, gtid: 
         "0",
         "the restored copy did not catch up from {gtid}"
     );
-    assert_eq!(copy.checksums("bank"), source.checksums("bank"));
-    assert_eq!(copy.logged_errors(), Vec::<String>::new());
 }
