@@ -445,8 +445,9 @@ fn dump_one(
     })?;
     flush(&mut buf, table)?;
     // A table renamed into this one's place since the consistent point (the cut-over of an
-    // online schema change) reads without an error: its definition tells. The table's
-    // metadata lock, held since the read, keeps it from changing until the lock is released.
+    // online schema change) reads without an error: its definition or its CREATE_TIME (the
+    // `.frm`'s change time, which a rename sets) tells. The table's metadata lock, held
+    // since the read, keeps it from changing until the lock is released.
     conn.exec("SET SESSION character_set_results = utf8mb4")?;
     let now = conn.show_create("TABLE", &table.schema, &table.name)?;
     let created_now: Vec<(Option<String>,)> = conn.rows(

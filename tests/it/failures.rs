@@ -161,14 +161,18 @@ fn a_server_without_rocksdb_is_refused() {
     assert!(stderr(&out).contains("RocksDB plugin"), "{}", stderr(&out));
 }
 
+/// An InnoDB table whose trigger writes into a RocksDB table.
+const INNO_TABLE_WITH_TRIGGER: &str =
+    "CREATE TABLE app.inno (id INT PRIMARY KEY) ENGINE=InnoDB; INSERT INTO app.inno VALUES (1);
+     CREATE TABLE app.audit (id INT PRIMARY KEY) ENGINE=ROCKSDB;
+     CREATE TRIGGER app.inno_ai AFTER INSERT ON app.inno FOR EACH ROW INSERT INTO app.audit VALUES (NEW.id)";
+
 #[test]
 fn innodb_user_tables_are_refused_or_skipped_when_asked() {
     let server = server_with_backup_user();
+    server.exec(INNO_TABLE_WITH_TRIGGER);
     server.exec(
-        "CREATE TABLE app.inno (id INT PRIMARY KEY) ENGINE=InnoDB; INSERT INTO app.inno VALUES (1);
-         CREATE TABLE app.audit (id INT PRIMARY KEY) ENGINE=ROCKSDB;
-         CREATE TRIGGER app.inno_ai AFTER INSERT ON app.inno FOR EACH ROW INSERT INTO app.audit VALUES (NEW.id);
-         CREATE TRIGGER app.t_ai AFTER INSERT ON app.t FOR EACH ROW INSERT INTO app.audit VALUES (NEW.id + 1000)",
+        "CREATE TRIGGER app.t_ai AFTER INSERT ON app.t FOR EACH ROW INSERT INTO app.audit VALUES (NEW.id + 1000)",
     );
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = tmp.path().join("ckpt");
@@ -214,11 +218,7 @@ fn innodb_user_tables_are_refused_or_skipped_when_asked() {
 #[test]
 fn innodb_tables_that_cannot_be_copied_whole_are_refused_before_the_rounds() {
     let server = server_with_backup_user();
-    server.exec(
-        "CREATE TABLE app.inno (id INT PRIMARY KEY) ENGINE=InnoDB; INSERT INTO app.inno VALUES (1);
-         CREATE TABLE app.audit (id INT PRIMARY KEY) ENGINE=ROCKSDB;
-         CREATE TRIGGER app.inno_ai AFTER INSERT ON app.inno FOR EACH ROW INSERT INTO app.audit VALUES (NEW.id)",
-    );
+    server.exec(INNO_TABLE_WITH_TRIGGER);
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = tmp.path().join("ckpt");
     // Without the TRIGGER privilege the server hides the trigger: refused, not lost.
