@@ -9,6 +9,7 @@
 //! [`restore`] reads backups back: `extract`, `verify`, `info`, `copy-back`, `move-back`.
 //! [`sys`] holds every system call the standard library lacks.
 
+pub mod binlog;
 pub mod cancel;
 pub mod cli;
 pub mod cmd;

@@ -101,6 +101,65 @@ pub enum Command {
     Forget(ForgetArgs),
     /// Delete the data of a repository that no snapshot uses, safely while backups run
     Prune(PruneArgs),
+    /// Archive binary logs continuously, and list or verify an archive (`binlog archive`)
+    #[command(subcommand)]
+    Binlog(BinlogCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BinlogCommand {
+    /// Archive the server's binary logs as a replica, until stopped (SIGTERM, SIGINT)
+    #[command(disable_help_flag = true)]
+    Archive(BinlogArchiveArgs),
+    /// Show the archived ranges (files, GTIDs, times) and any gap
+    List(BinlogListArgs),
+    /// Check every event of an archive and its continuity, and that backups fall inside it
+    Verify(BinlogVerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BinlogArchiveArgs {
+    #[command(flatten)]
+    pub conn: ConnectionArgs,
+    /// The archive directory (created if absent; an archive there is continued)
+    #[arg(long, value_name = "DIR")]
+    pub target_dir: PathBuf,
+    /// The server id the archiver registers with; unique among the server's replicas
+    /// [default: derived from the archive directory, 4026531840 and up]
+    #[arg(long, value_name = "ID")]
+    pub server_id: Option<u32>,
+    /// Seconds between heartbeats of an idle server; three missed mean a dead link
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    pub heartbeat: f64,
+    /// Where an empty archive starts [default: the oldest binary log the server has]
+    #[arg(long, value_name = "FILE")]
+    pub start_file: Option<String>,
+    /// Print help
+    #[arg(long, action = ArgAction::Help)]
+    help: Option<bool>,
+}
+
+#[derive(Args, Debug)]
+pub struct BinlogListArgs {
+    /// The archive directory
+    #[arg(long, value_name = "DIR")]
+    pub target_dir: PathBuf,
+    /// Print as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BinlogVerifyArgs {
+    /// The archive directory
+    #[arg(long, value_name = "DIR")]
+    pub target_dir: PathBuf,
+    /// A backup whose binary log coordinates must fall inside the archive (repeatable)
+    #[arg(long, value_name = "DIR")]
+    pub backup_dir: Vec<PathBuf>,
+    /// Print the result as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -630,6 +689,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, clap::
                 | "restore"
                 | "forget"
                 | "prune"
+                | "binlog"
                 | "help"
                 | "-h"
                 | "--help"

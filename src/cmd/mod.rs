@@ -2,6 +2,7 @@
 //! and its outcome into output on stdout (archives, JSON) and stderr (log lines).
 
 mod backup;
+mod binlog;
 mod extract;
 mod info;
 mod receive;
@@ -12,7 +13,7 @@ mod verify;
 pub use info::Summary;
 
 use crate::cancel::Cancel;
-use crate::cli::{Command, RepoCommand};
+use crate::cli::{BinlogCommand, Command, RepoCommand};
 use crate::error::{IoContext, Result};
 use crate::restore::{self, Mode};
 
@@ -32,6 +33,9 @@ pub fn run(command: Command) -> Result<()> {
         Command::Restore(args) => repo::restore(args),
         Command::Forget(args) => repo::forget(args),
         Command::Prune(args) => repo::prune(&args),
+        Command::Binlog(BinlogCommand::Archive(args)) => binlog::archive(&args),
+        Command::Binlog(BinlogCommand::List(args)) => binlog::list(&args),
+        Command::Binlog(BinlogCommand::Verify(args)) => binlog::verify(&args),
     }
 }
 
