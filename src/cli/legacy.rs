@@ -83,6 +83,9 @@ impl LegacyArgs {
                 rocksdb_waldir: Some(rocksdb_waldir),
                 defaults_file: self.defaults_file,
                 mariadbd: self.mariadbd,
+                binlog_dir: None,
+                until: Default::default(),
+                replay_threads: 4,
                 skip_bootstrap: false,
             }));
         }

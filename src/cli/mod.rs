@@ -584,6 +584,31 @@ pub struct RestoreArgs {
     /// command that re-creates the mysql schema's InnoDB tables on the database host
     #[arg(long)]
     pub skip_bootstrap: bool,
+    /// Then replay the binary logs archived in DIR (`binlog archive`) from the backup's
+    /// coordinates up to --until-time, --until-gtid or --until-position (copy-back only)
+    #[arg(long, value_name = "DIR", requires = "until")]
+    pub binlog_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub until: UntilArgs,
+    /// Transactions the replay applies in parallel
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub replay_threads: u16,
+}
+
+/// Where a replay of archived binary logs stops: one of the three.
+#[derive(Args, Debug, Clone, Default)]
+#[group(id = "until", multiple = false)]
+pub struct UntilArgs {
+    /// Up to the last transaction committed at or before this local time,
+    /// 'YYYY-MM-DD HH:MM:SS' (every transaction before the first committed later)
+    #[arg(long, value_name = "TIME")]
+    pub until_time: Option<String>,
+    /// Up to and including this transaction (DOMAIN-SERVER-SEQUENCE)
+    #[arg(long, value_name = "GTID")]
+    pub until_gtid: Option<String>,
+    /// Every transaction that ends at or before this position (FILE:POSITION)
+    #[arg(long, value_name = "FILE:POS")]
+    pub until_position: Option<String>,
 }
 
 /// What a backup does with InnoDB tables outside the `mysql` schema.

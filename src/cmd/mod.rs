@@ -21,6 +21,10 @@ use crate::restore::{self, Mode};
 pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Backup(args) => backup::run(args),
+        Command::MoveBack(args) if args.binlog_dir.is_some() => Err(crate::error::Error::Usage(
+            "move-back cannot replay binary logs (a failed replay would leave the backup changed): use copy-back"
+                .into(),
+        )),
         Command::MoveBack(args) => restore::run(&args, Mode::Move, &on_signals()?),
         Command::CopyBack(args) => restore::run(&args, Mode::Copy, &on_signals()?),
         Command::Extract(args) => extract::run(args),

@@ -56,6 +56,9 @@ pub fn run(args: ReceiveArgs) -> Result<()> {
             rocksdb_waldir: args.rocksdb_waldir.clone(),
             defaults_file: args.defaults_file.clone(),
             mariadbd: args.mariadbd.clone(),
+            binlog_dir: None,
+            until: Default::default(),
+            replay_threads: 4,
             skip_bootstrap: false,
         };
         let cancel = cancel.clone();

@@ -312,6 +312,9 @@ fn restore_via(
         rocksdb_waldir: args.rocksdb_waldir.clone(),
         defaults_file: args.defaults_file.clone(),
         mariadbd: args.mariadbd.clone(),
+        binlog_dir: None,
+        until: Default::default(),
+        replay_threads: 4,
         skip_bootstrap: args.skip_bootstrap,
     };
     restore::run(&restore_args, Mode::Move, cancel)

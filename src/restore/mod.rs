@@ -22,6 +22,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::binlog::replay::{self, Until};
 use crate::cancel::Cancel;
 use crate::cli::RestoreArgs;
 use crate::error::{Error, IoContext, Result};
@@ -70,6 +71,7 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
         .rocksdb_waldir
         .clone()
         .unwrap_or_else(|| rocksdb_dir.clone());
+    let replay = replay_plan(args)?;
     let (obsolete, decode, logical) = check_complete(backup, cancel)?;
     let plan = plan(backup, &datadir, &rocksdb_dir, &wal_dir, &obsolete, &decode)?;
     for target in [&datadir, &rocksdb_dir, &wal_dir] {
@@ -83,6 +85,10 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
     let mariadbd = match (&innodb_sql, args.skip_bootstrap) {
         (Some(_), false) => Some(find_mariadbd(args.mariadbd.as_deref())?),
         _ => None,
+    };
+    let replay_mariadbd = match &replay {
+        Some(_) => Some(find_mariadbd(args.mariadbd.as_deref())?),
+        None => None,
     };
 
     let mut undo = Undo::default();
@@ -139,6 +145,24 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
             }
             _ => {}
         }
+        if let (Some(plan), Some(mariadbd)) = (&replay, &replay_mariadbd) {
+            let targets = [&datadir, &rocksdb_dir, &wal_dir];
+            let before: HashSet<PathBuf> = targets.iter().flat_map(|d| listing(d)).collect();
+            let target = replay::Target {
+                mariadbd,
+                defaults_file: args.defaults_file.as_deref(),
+                datadir: &datadir,
+                rocksdb_dir: &rocksdb_dir,
+                wal_dir: &wal_dir,
+                threads: usize::from(args.replay_threads),
+            };
+            let replayed = replay::run(plan, &target, cancel);
+            if replayed.is_err() {
+                let after: HashSet<PathBuf> = targets.iter().flat_map(|d| listing(d)).collect();
+                undo.created.extend(after.difference(&before).cloned());
+            }
+            replayed?;
+        }
         for target in [&datadir, &rocksdb_dir, &wal_dir] {
             sync(target)?;
         }
@@ -175,7 +199,12 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
         rocksdb_dir.display(),
         wal_dir.display()
     );
-    if let Ok(coords) = fs::read_to_string(backup.join(BINLOG_INFO_NAME)) {
+    if let Some(plan) = &replay {
+        info!(
+            "The restored server stands at GTID {} (its gtid_slave_pos), binary log coordinates {}:{} of the source",
+            plan.target_gtid, plan.stop.0, plan.stop.1
+        );
+    } else if let Ok(coords) = fs::read_to_string(backup.join(BINLOG_INFO_NAME)) {
         let fields: Vec<&str> = coords.trim_end().split('\t').collect();
         if let [file, pos, gtid] = fields[..] {
             info!("Binary log coordinates of the backup: {file}:{pos}, GTID {gtid}");
@@ -208,6 +237,42 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
     info!("Before starting the server, give the files to its user (chown -R mysql:mysql, as after mariabackup)");
     info!("{verb} back: completed OK!");
     Ok(())
+}
+
+/// The replay of archived binary logs asked for, worked out before anything is restored.
+fn replay_plan(args: &RestoreArgs) -> Result<Option<replay::Plan>> {
+    let u = &args.until;
+    let until = Until::parse(
+        u.until_time.as_deref(),
+        u.until_gtid.as_deref(),
+        u.until_position.as_deref(),
+    )?;
+    let (dir, until) = match (&args.binlog_dir, until) {
+        (Some(dir), Some(until)) => (dir, until),
+        (None, None) => return Ok(None),
+        (Some(_), None) => {
+            return Err(Error::Usage(
+                "--binlog-dir needs a target: --until-time, --until-gtid or --until-position"
+                    .into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(Error::Usage(
+                "--until-* needs the archived binary logs: --binlog-dir DIR".into(),
+            ))
+        }
+    };
+    if args.skip_bootstrap {
+        return Err(Error::Usage(
+            "--skip-bootstrap restores the files only; a replay needs mariadbd".into(),
+        ));
+    }
+    let plan = replay::plan(dir, &args.backup_dir, &until)?;
+    info!(
+        "The archive reaches the target: {} transactions from {}:{} to {}:{}",
+        plan.transactions, plan.start.0, plan.start.1, plan.stop.0, plan.stop.1
+    );
+    Ok(Some(plan))
 }
 
 /// Refuses a backup whose files do not match its manifest (mbstream skips files silently;
