@@ -39,6 +39,7 @@ pub struct Server {
     pub datadir: PathBuf,
     pub socket: PathBuf,
     pub port: u16,
+    extra: Vec<String>,
     child: Child,
 }
 
@@ -151,30 +152,33 @@ impl Server {
     fn launch(home: tempfile::TempDir, datadir: PathBuf, extra: &[&str]) -> Server {
         let socket = home.path().join("mysqld.sock");
         let port = free_port();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Server::spawn(home.path(), &datadir, &socket, port, &extra);
+        let mut server = Server {
+            home,
+            datadir,
+            socket,
+            port,
+            extra,
+            child,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn spawn(home: &Path, datadir: &Path, socket: &Path, port: u16, extra: &[String]) -> Child {
         let mut cmd = Command::new(binary("mariadbd"));
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", datadir.display()))
             .arg(format!("--socket={}", socket.display()))
             .arg(format!("--port={port}"))
             .arg("--bind-address=127.0.0.1")
-            .arg(format!(
-                "--log-error={}",
-                home.path().join("error.log").display()
-            ))
-            .arg(format!(
-                "--pid-file={}",
-                home.path().join("mysqld.pid").display()
-            ))
-            .arg(format!(
-                "--log-bin={}",
-                home.path().join("binlog").display()
-            ))
+            .arg(format!("--log-error={}", home.join("error.log").display()))
+            .arg(format!("--pid-file={}", home.join("mysqld.pid").display()))
+            .arg(format!("--log-bin={}", home.join("binlog").display()))
             .arg(format!("--server-id={port}"))
             // A shared tmpdir makes parallel servers collide on temporary table names.
-            .arg(format!(
-                "--tmpdir={}",
-                private_tmpdir(home.path()).display()
-            ))
+            .arg(format!("--tmpdir={}", private_tmpdir(home).display()))
             .args(SERVER_ARGS)
             .args(extra)
             .stdin(Stdio::null())
@@ -184,16 +188,26 @@ impl Server {
             cmd.arg("--user=root");
         }
         die_with_parent(&mut cmd);
-        let child = cmd.spawn().expect("cannot start mariadbd");
-        let mut server = Server {
-            home,
-            datadir,
-            socket,
-            port,
-            child,
-        };
-        server.wait_ready();
-        server
+        cmd.spawn().expect("cannot start mariadbd")
+    }
+
+    /// Stops the server cleanly and starts it again on the same datadir, port and options
+    /// (it opens a new binary log file).
+    pub fn restart(&mut self) {
+        self.shutdown();
+        self.child = Server::spawn(
+            self.home.path(),
+            &self.datadir,
+            &self.socket,
+            self.port,
+            &self.extra,
+        );
+        self.wait_ready();
+    }
+
+    /// The directory of the server's binary logs (`binlog.NNNNNN`).
+    pub fn binlog_dir(&self) -> &Path {
+        self.home.path()
     }
 
     fn wait_ready(&mut self) {

@@ -456,6 +456,16 @@ pub fn is_binlog_name(name: &str) -> bool {
     }
 }
 
+/// `bin.000010` after `bin.000009` (the same base, a larger number).
+pub fn later_name(a: &str, b: &str) -> bool {
+    match (a.rsplit_once('.'), b.rsplit_once('.')) {
+        (Some((ba, na)), Some((bb, nb))) => {
+            ba == bb && na.parse::<u64>().ok() > nb.parse::<u64>().ok()
+        }
+        _ => false,
+    }
+}
+
 /// Reads a file's archived bytes (its index's size), checking size and CRC-32.
 pub fn read_file(dir: &Path, index: &FileIndex) -> Result<Vec<u8>> {
     let path = dir.join(&index.name);

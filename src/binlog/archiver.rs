@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::archive::{FileIndex, Writer};
+use super::archive::{self, FileIndex, Writer};
 use super::client::{Client, Packet};
 use super::event::{self, Header};
 use crate::cancel::Cancel;
@@ -112,7 +112,7 @@ fn start_point(server: &mut Server, archive: &Writer, opts: &Options) -> Result<
     let next = logs
         .iter()
         .map(|l| l.0.clone())
-        .find(|n| sorts_after(n, &last.name));
+        .find(|n| archive::later_name(n, &last.name));
     match next {
         Some(n) => {
             if let Some(oldest) = logs.first() {
@@ -151,16 +151,6 @@ fn check_same_history(server: &mut Server, last: &FileIndex) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// `bin.000010` after `bin.000009` (same base, larger number).
-fn sorts_after(a: &str, b: &str) -> bool {
-    match (a.rsplit_once('.'), b.rsplit_once('.')) {
-        (Some((ba, na)), Some((bb, nb))) => {
-            ba == bb && na.parse::<u64>().ok() > nb.parse::<u64>().ok()
-        }
-        _ => false,
-    }
 }
 
 fn follows(prev: &str, next: &str) -> bool {
@@ -321,7 +311,7 @@ fn rotate_target(ev: &[u8], crc: bool) -> Result<String> {
     let end = ev.len().saturating_sub(if crc { 4 } else { 0 });
     let body = ev.get(event::HEADER_LEN + 8..end).unwrap_or_default();
     let name = String::from_utf8_lossy(body).to_string();
-    match super::archive::is_binlog_name(&name) {
+    match archive::is_binlog_name(&name) {
         true => Ok(name),
         false => Err(Error::Server(format!(
             "a rotate event to an unexpected name {name:?}"

@@ -424,7 +424,7 @@ fn replay_in(plan: &Plan, target: &Target, tmp: &Path, cancel: &Cancel) -> Resul
             tmp.join("relay-log.info").display()
         ))
         .arg(format!("--slave-parallel-threads={}", target.threads))
-        .arg("--slave-parallel-mode=optimistic")
+        .arg("--slave-parallel-mode=conservative")
         .arg("--innodb-buffer-pool-size=256M")
         .arg("--loose-rocksdb-block-cache-size=512M")
         .arg("--innodb-flush-log-at-trx-commit=0")
@@ -480,7 +480,11 @@ fn replay_in(plan: &Plan, target: &Target, tmp: &Path, cancel: &Cancel) -> Resul
         let file = get("Relay_Master_Log_File");
         let pos: u64 = get("Exec_Master_Log_Pos").parse().unwrap_or(0);
         if get("Slave_SQL_Running") != "Yes" {
-            if file == plan.stop.0 && pos >= plan.stop.1 {
+            // The source's binary log ends at the stop, then its own empty file begins:
+            // the replica may stand at the start of that file.
+            if (file == plan.stop.0 && pos >= plan.stop.1)
+                || archive::later_name(&file, &plan.stop.0)
+            {
                 break;
             }
             let err = get("Last_SQL_Error");

@@ -11,6 +11,7 @@ mod extract_safety;
 mod failures;
 mod mixed;
 mod network;
+mod pitr;
 mod properties;
 mod replica;
 mod repository;

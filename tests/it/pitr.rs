@@ -1,0 +1,230 @@
+//! Point-in-time recovery: binary logs archived by `binlog archive` while the bank workload
+//! runs (across a `FLUSH BINARY LOGS`, a server restart and an archiver killed with -9),
+//! replayed onto a backup up to a recorded GTID, time and position; a damaged archive
+//! refused.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sandbox::workload::{assert_bank_consistent, load_bank, Load};
+use sandbox::Server;
+
+use crate::common::db::*;
+use crate::common::*;
+
+fn start_archiver(server: &Server, archive: &Path, log: &Path) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(bin())
+        .args(["binlog", "archive", "--user", "root", "--socket"])
+        .arg(&server.socket)
+        .arg("--target-dir")
+        .arg(archive)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn binlog(args: &[&str], archive: &Path) -> std::process::Output {
+    Command::new(bin())
+        .arg("binlog")
+        .args(args)
+        .arg("--target-dir")
+        .arg(archive)
+        .output()
+        .unwrap()
+}
+
+/// Waits until the archive holds the server's every transaction.
+fn wait_archived(server: &Server, archive: &Path) {
+    let want = server.value("SELECT @@gtid_binlog_pos");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = binlog(&["list", "--json"], archive);
+        let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let end = listing["ranges"]
+            .as_array()
+            .and_then(|r| r.last())
+            .map(|r| r["end_gtid"].as_str().unwrap_or_default().to_string());
+        if end.as_deref() == Some(want.as_str()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the archive did not reach {want}: {end:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn copy_back(backup: &Path, datadir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .arg("copy-back")
+        .arg("--backup-dir")
+        .arg(backup)
+        .arg("--datadir")
+        .arg(datadir)
+        .args(args)
+        .env("TZ", "UTC")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn restores_to_a_gtid_a_time_and_a_position_under_load_across_a_flush_a_restart_and_a_kill() {
+    let mut server = Server::start();
+    load_bank(&server, 5_000);
+    let dir = tempfile::tempdir().unwrap();
+    let (archive, log) = (dir.path().join("archive"), dir.path().join("archiver.log"));
+    let mut archiver = start_archiver(&server, &archive, &log);
+
+    let load = Load::start(&server);
+    std::thread::sleep(Duration::from_millis(700));
+    let backup = dir.path().join("backup");
+    let out = backup_cmd(&server, &["--target-dir", backup.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    server.exec("FLUSH BINARY LOGS");
+    std::thread::sleep(Duration::from_millis(500));
+    load.stop();
+    server.restart();
+    let load = Load::start(&server);
+    std::thread::sleep(Duration::from_millis(700));
+    // Killed mid-stream, and started again: nothing lost, nothing twice.
+    archiver.kill().unwrap();
+    archiver.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut archiver = start_archiver(&server, &archive, &log);
+    std::thread::sleep(Duration::from_millis(700));
+
+    // The point to come back to: writes paused, with the GTID, time, position and sums.
+    load.stop();
+    let gtid = server.value("SELECT @@gtid_binlog_pos");
+    let status = server.rows("SHOW MASTER STATUS");
+    let position = format!("{}:{}", status[0][0], status[0][1]);
+    let time = server.value("SELECT DATE_FORMAT(UTC_TIMESTAMP(), '%Y-%m-%d %H:%i:%s')");
+    let sums = server.checksums("bank");
+    std::thread::sleep(Duration::from_millis(1_100));
+    let load = Load::start(&server);
+    std::thread::sleep(Duration::from_millis(700));
+    load.stop();
+    server.exec("DELETE FROM bank.ledger"); // the mistake to undo
+    wait_archived(&server, &archive);
+    unsafe { libc::kill(archiver.id() as i32, libc::SIGTERM) };
+    let status = archiver.wait().unwrap();
+    let archiver_log = fs::read_to_string(&log).unwrap();
+    assert!(
+        status.success(),
+        "the archiver on SIGTERM: {status}\n{archiver_log}"
+    );
+
+    // The files the server closed are archived byte for byte.
+    let files: Vec<String> = walk(&archive)
+        .into_iter()
+        .filter(|f| f.starts_with("binlog.") && !f.ends_with(".index"))
+        .collect();
+    assert!(
+        files.len() >= 3,
+        "a flush and a restart make 3 files at least: {files:?}"
+    );
+    for f in &files[..files.len() - 1] {
+        assert_eq!(
+            fs::read(archive.join(f)).unwrap(),
+            fs::read(server.binlog_dir().join(f)).unwrap(),
+            "{f} differs from the server's"
+        );
+    }
+    let out = Command::new(bin())
+        .args(["binlog", "verify", "--target-dir"])
+        .arg(&archive)
+        .arg("--backup-dir")
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "binlog verify: {}\n{archiver_log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let archive_arg = archive.to_str().unwrap();
+    for until in [
+        ["--until-gtid", gtid.as_str()],
+        ["--until-time", time.as_str()],
+        ["--until-position", position.as_str()],
+    ] {
+        let target = dir.path().join(format!("restored{}", until[0]));
+        let out = copy_back(
+            &backup,
+            &target,
+            &["--binlog-dir", archive_arg, until[0], until[1]],
+        );
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "copy-back {until:?}: {log}");
+        assert!(log.contains(&format!("stands at GTID {gtid}")), "{log}");
+        let restored = Server::start_on(&target, &[]);
+        assert_eq!(restored.checksums("bank"), sums, "restored {until:?}");
+        assert_bank_consistent(&restored);
+        assert_eq!(restored.value("SELECT @@gtid_slave_pos"), gtid);
+        assert!(
+            restored.rows("SHOW SLAVE STATUS").is_empty(),
+            "replication left set up"
+        );
+        assert_eq!(restored.logged_errors(), Vec::<String>::new());
+        restored.stop();
+        assert!(
+            fs::read_dir(dir.path()).unwrap().all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("replay")),
+            "the replay's temporary directory is left"
+        );
+    }
+
+    // A target past the archive's end, or before the backup, is refused.
+    let empty = dir.path().join("not-restored");
+    let out = copy_back(
+        &backup,
+        &empty,
+        &["--binlog-dir", archive_arg, "--until-gtid", "0-1-999999999"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the archive"));
+    assert!(!empty.exists());
+
+    // A file lost from the archive: verify names the gap, a restore across it is refused.
+    let middle = &files[1];
+    fs::remove_file(archive.join(middle)).unwrap();
+    fs::remove_file(archive.join(format!("{middle}.index"))).unwrap();
+    let out = binlog(&["verify"], &archive);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains(&format!("{middle} missing")), "{text}");
+    let out = copy_back(
+        &backup,
+        &empty,
+        &["--binlog-dir", archive_arg, "--until-gtid", &gtid],
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(text.contains("does not continue"), "{text}");
+    assert!(!empty.exists(), "a refused restore leaves nothing");
+}
