@@ -315,6 +315,12 @@ impl Writer {
                 o.recorded.name, o.len, h.next_pos, ev.len()
             )));
         }
+        if h.kind == event::START_ENCRYPTION {
+            return Err(Error::Refused(format!(
+                "{} is encrypted (encrypt_binlog): an archive of it could not be checked or replayed; not supported",
+                o.recorded.name
+            )));
+        }
         if h.kind == event::FORMAT_DESCRIPTION {
             o.boundary.server_id = h.server_id;
         }
@@ -405,6 +411,26 @@ impl Writer {
         self.commit()?;
         self.current = None;
         Ok(())
+    }
+
+    /// Archives a whole closed file (copied from the server's directory): its events are
+    /// checked as they would be from the server.
+    pub fn import(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        if data.get(..4) != Some(event::MAGIC) {
+            return Err(Error::Corrupt(format!("{name} is not a binary log")));
+        }
+        self.begin(name)?;
+        let imported = (|| {
+            for item in Walk::new(data, 4) {
+                let (_, ev) = item.map_err(|e| Error::Corrupt(format!("{name}: {e}")))?;
+                self.append(ev)?;
+            }
+            self.close()
+        })();
+        if imported.is_err() {
+            let _ = self.rewind();
+        }
+        imported
     }
 
     /// Lets go of the current file without ending it (the connection dropped): bytes past

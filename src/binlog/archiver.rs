@@ -10,14 +10,15 @@ use super::archive::{self, FileIndex, Writer};
 use super::client::{Client, Packet};
 use super::event::{self, Header};
 use crate::cancel::Cancel;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::log::human;
 use crate::server::credentials::Credentials;
 use crate::server::Server;
 use crate::{error, info, warn};
 
 pub struct Options {
-    pub creds: Credentials,
+    /// How to reach the server (not needed to copy files from its directory).
+    pub creds: Option<Credentials>,
     pub dir: PathBuf,
     /// The server id the archiver registers with.
     pub server_id: u32,
@@ -169,7 +170,10 @@ fn session(
     cancel: &Cancel,
     connected_once: &mut bool,
 ) -> Result<()> {
-    let mut server = Server::connect(&opts.creds)?;
+    let creds = opts.creds.as_ref().ok_or_else(|| {
+        Error::Usage("the archiver needs the server's connection settings".into())
+    })?;
+    let mut server = Server::connect(creds)?;
     let vars: Vec<(String, u32, String)> = server.rows(
         "SELECT @@global.binlog_checksum, @@server_id, CAST(IFNULL(@@global.encrypt_binlog, 0) AS CHAR)",
         (),
@@ -192,7 +196,7 @@ fn session(
     let (file, pos) = start_point(&mut server, archive, opts)?;
     drop(server);
 
-    let mut client = Client::connect(&opts.creds, Duration::from_secs(10))?;
+    let mut client = Client::connect(creds, Duration::from_secs(10))?;
     let heartbeat_ns = opts.heartbeat.as_nanos();
     client.exec(&format!(
         "SET @master_binlog_checksum = '{checksum}', @mariadb_slave_capability = 4, \
@@ -203,7 +207,7 @@ fn session(
     if !*connected_once {
         info!(
             "Archiving the binary logs of {} into {} as replica {}, from {file}:{pos}",
-            opts.creds.endpoint,
+            creds.endpoint,
             opts.dir.display(),
             opts.server_id
         );
@@ -225,7 +229,7 @@ fn session(
                 if now - last_packet > opts.heartbeat * 3 {
                     return Err(Error::Server(format!(
                         "nothing from the server at {} for {:.0} s, not even a heartbeat",
-                        opts.creds.endpoint,
+                        creds.endpoint,
                         (now - last_packet).as_secs_f64()
                     )));
                 }
@@ -245,11 +249,6 @@ fn session(
                     archive.commit()?;
                     last_sync = now;
                     continue;
-                }
-                if h.kind == event::START_ENCRYPTION {
-                    return Err(Error::Refused(
-                        "the binary log is encrypted: not supported by the archiver".into(),
-                    ));
                 }
                 if h.flags & event::ARTIFICIAL != 0 || h.next_pos == 0 {
                     if h.kind == event::ROTATE {
@@ -330,4 +329,120 @@ pub fn default_server_id(dir: &Path) -> u32 {
     let path = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let h = crc32fast::hash(path.as_os_str().as_encoded_bytes());
     0xf000_0000 | (h & 0x0fff_ffff)
+}
+
+/// `--from-datadir`: copies the server's closed binary logs (every file its index lists but
+/// the last) from its directory into the archive, every `poll`, until a signal stops it.
+pub fn run_from_files(
+    source: &Path,
+    opts: &Options,
+    poll: Duration,
+    cancel: &Cancel,
+) -> Result<()> {
+    let index = find_index(source)?;
+    let mut archive = Writer::open(&opts.dir)?;
+    info!(
+        "Archiving the closed binary logs listed in {} into {}, every {:.0} s",
+        index.display(),
+        opts.dir.display(),
+        poll.as_secs_f64()
+    );
+    loop {
+        let text = std::fs::read_to_string(&index).with_path("read", &index)?;
+        let listed: Vec<PathBuf> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let p = Path::new(l.trim());
+                match p.is_absolute() {
+                    true => p.to_path_buf(),
+                    false => index.parent().unwrap_or(Path::new(".")).join(p),
+                }
+            })
+            .collect();
+        let closed = &listed[..listed.len().saturating_sub(1)];
+        for path in closed {
+            cancel.check()?;
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            if let Some(f) = archive.files.iter().find(|f| f.name == name) {
+                let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(f.size);
+                if len != f.size {
+                    return Err(Error::Refused(format!(
+                        "{} is {len} bytes but the archive's {name} holds {}: not the server the archive was                          taken from; archive it into a new directory",
+                        path.display(),
+                        f.size
+                    )));
+                }
+                continue;
+            }
+            let older = match (archive.files.last(), &opts.start_file) {
+                (Some(last), _) => !archive::later_name(&name, &last.name),
+                (None, Some(first)) => archive::later_name(first, &name),
+                (None, None) => false,
+            };
+            if older {
+                continue;
+            }
+            let data = match std::fs::read(path) {
+                Ok(d) => d,
+                // Purged between the index's reading and now.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
+            };
+            archive.import(&name, &data)?;
+            if let Some(f) = archive.files.last() {
+                info!(
+                    "Archived {name}: {}, {} transactions, GTID {}",
+                    human(f.size),
+                    f.transactions,
+                    f.end.position_text()
+                );
+            }
+        }
+        let until = Instant::now() + poll;
+        while Instant::now() < until {
+            if cancel.check().is_err() {
+                info!("Stopped: the archive ends at GTID {}", state_text(&archive));
+                return Ok(());
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+/// The server's binary log index: the file given, or the one `*.index` in the directory
+/// given whose entries are binary logs.
+fn find_index(source: &Path) -> Result<PathBuf> {
+    if source.is_file() {
+        return Ok(source.to_path_buf());
+    }
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(source).with_path("read", source)? {
+        let path = entry.with_path("read", source)?.path();
+        let is_index = path.extension().is_some_and(|e| e == "index")
+            && std::fs::read_to_string(&path).is_ok_and(|t| {
+                t.lines().next().is_some_and(|l| {
+                    let name = Path::new(l.trim()).file_name().unwrap_or_default();
+                    archive::is_binlog_name(&name.to_string_lossy())
+                })
+            });
+        if is_index {
+            found.push(path);
+        }
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(Error::Usage(format!(
+            "{} has no binary log index (BASENAME.index): give the directory of the server's log_bin_basename,              or the index file itself",
+            source.display()
+        ))),
+        _ => Err(Error::Usage(format!(
+            "{} has several binary log indexes: give the one to archive",
+            source.display()
+        ))),
+    }
 }

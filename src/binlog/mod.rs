@@ -6,6 +6,7 @@ pub mod archive;
 pub mod archiver;
 mod client;
 pub mod event;
+pub mod remote;
 pub mod replay;
 
 use std::path::Path;

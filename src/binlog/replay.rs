@@ -425,6 +425,7 @@ fn replay_in(plan: &Plan, target: &Target, tmp: &Path, cancel: &Cancel) -> Resul
         ))
         .arg(format!("--slave-parallel-threads={}", target.threads))
         .arg("--slave-parallel-mode=conservative")
+        .arg("--gtid-pos-auto-engines=rocksdb")
         .arg("--innodb-buffer-pool-size=256M")
         .arg("--loose-rocksdb-block-cache-size=512M")
         .arg("--innodb-flush-log-at-trx-commit=0")

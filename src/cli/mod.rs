@@ -110,7 +110,7 @@ pub enum Command {
 pub enum BinlogCommand {
     /// Archive the server's binary logs as a replica, until stopped (SIGTERM, SIGINT)
     #[command(disable_help_flag = true)]
-    Archive(BinlogArchiveArgs),
+    Archive(Box<BinlogArchiveArgs>),
     /// Show the archived ranges (files, GTIDs, times) and any gap
     List(BinlogListArgs),
     /// Check every event of an archive and its continuity, and that backups fall inside it
@@ -122,8 +122,33 @@ pub struct BinlogArchiveArgs {
     #[command(flatten)]
     pub conn: ConnectionArgs,
     /// The archive directory (created if absent; an archive there is continued)
-    #[arg(long, value_name = "DIR")]
-    pub target_dir: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "repo")]
+    pub target_dir: Option<PathBuf>,
+    /// Archive into a repository (`repo init`) instead, through a local --spool-dir
+    #[arg(
+        long,
+        value_name = "URL",
+        conflicts_with = "target_dir",
+        requires = "spool_dir"
+    )]
+    pub repo: Option<String>,
+    /// The repository's key file
+    #[arg(long, value_name = "FILE", requires = "repo")]
+    pub key_file: Option<PathBuf>,
+    /// With --repo: where the archiver writes first (a directory archive); files leave it
+    /// once uploaded. Keep it on a disk with room for what the store may lag behind
+    #[arg(long, value_name = "DIR", requires = "repo")]
+    pub spool_dir: Option<PathBuf>,
+    /// With --repo: seconds between uploads (the repository's lag behind the spool)
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+    pub upload_interval: f64,
+    /// Copy the closed binary logs from the server's directory (or its BASENAME.index)
+    /// instead of connecting as a replica; the open file waits until the server closes it
+    #[arg(long, value_name = "PATH")]
+    pub from_datadir: Option<PathBuf>,
+    /// With --from-datadir: seconds between looks at the directory
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub poll: f64,
     /// The server id the archiver registers with; unique among the server's replicas
     /// [default: derived from the archive directory, 4026531840 and up]
     #[arg(long, value_name = "ID")]
@@ -139,11 +164,27 @@ pub struct BinlogArchiveArgs {
     help: Option<bool>,
 }
 
+/// Where an archive of binary logs is: a directory, or a repository.
+#[derive(Args, Debug, Clone)]
+pub struct ArchiveArgs {
+    /// The archive directory
+    #[arg(long, value_name = "DIR", required_unless_present = "repo")]
+    pub target_dir: Option<PathBuf>,
+    /// The binary logs archived in a repository instead
+    #[arg(long, value_name = "URL", conflicts_with = "target_dir")]
+    pub repo: Option<String>,
+    /// The repository's key file
+    #[arg(long, value_name = "FILE", requires = "repo")]
+    pub key_file: Option<PathBuf>,
+    /// The server (its host name) whose binary logs [default: the only one archived]
+    #[arg(long, value_name = "HOST", requires = "repo")]
+    pub host: Option<String>,
+}
+
 #[derive(Args, Debug)]
 pub struct BinlogListArgs {
-    /// The archive directory
-    #[arg(long, value_name = "DIR")]
-    pub target_dir: PathBuf,
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
     /// Print as JSON on stdout
     #[arg(long)]
     pub json: bool,
@@ -151,9 +192,8 @@ pub struct BinlogListArgs {
 
 #[derive(Args, Debug)]
 pub struct BinlogVerifyArgs {
-    /// The archive directory
-    #[arg(long, value_name = "DIR")]
-    pub target_dir: PathBuf,
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
     /// A backup whose binary log coordinates must fall inside the archive (repeatable)
     #[arg(long, value_name = "DIR")]
     pub backup_dir: Vec<PathBuf>,
@@ -237,6 +277,13 @@ pub struct RepoRestoreArgs {
     /// Restore the files only (on a host without mariadbd)
     #[arg(long)]
     pub skip_bootstrap: bool,
+    /// Then replay the repository's archived binary logs up to this point; with
+    /// `--snapshot latest`, the newest snapshot before the point is restored
+    #[command(flatten)]
+    pub until: UntilArgs,
+    /// Transactions the replay applies in parallel
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub replay_threads: u16,
 }
 
 #[derive(Args, Debug)]

@@ -12,6 +12,9 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::binlog::event::Gtid;
+use crate::binlog::remote;
+use crate::binlog::replay::Until;
 use crate::cancel::Cancel;
 use crate::cli::{
     ForgetArgs, PruneArgs, RepoArgs, RepoInitArgs, RepoRestoreArgs, RestoreArgs, SnapshotsArgs,
@@ -229,7 +232,18 @@ fn each_file(
 pub fn restore(args: RepoRestoreArgs) -> Result<()> {
     let cancel = super::on_signals()?;
     let repo = open(&args.repo)?;
-    let snapshot = repo.snapshot(&args.snapshot, args.host.as_deref())?;
+    let u = &args.until;
+    let until = Until::parse(
+        u.until_time.as_deref(),
+        u.until_gtid.as_deref(),
+        u.until_position.as_deref(),
+    )?;
+    let snapshot = match &until {
+        Some(until) if args.snapshot == "latest" => {
+            newest_before(&repo, until, args.host.as_deref())?
+        }
+        _ => repo.snapshot(&args.snapshot, args.host.as_deref())?,
+    };
     for dir in [
         Some(&args.datadir),
         args.rocksdb_datadir.as_ref(),
@@ -255,7 +269,19 @@ pub fn restore(args: RepoRestoreArgs) -> Result<()> {
         }
     };
     fs::create_dir(&staging).with_path("create the staging directory", &staging)?;
-    let result = restore_via(&repo, &snapshot, &staging, &args, &cancel);
+    let binlogs = until.as_ref().map(|_| {
+        let mut name = staging.as_os_str().to_owned();
+        name.push(".binlogs");
+        PathBuf::from(name)
+    });
+    let result = match &binlogs {
+        Some(dir) => fetch_binlogs(&repo, &snapshot, dir)
+            .and_then(|()| restore_via(&repo, &snapshot, &staging, Some(dir), &args, &cancel)),
+        None => restore_via(&repo, &snapshot, &staging, None, &args, &cancel),
+    };
+    if let Some(dir) = &binlogs {
+        let _ = fs::remove_dir_all(dir);
+    }
     if let Err(e) = fs::remove_dir_all(&staging) {
         error!(
             "cannot remove the staging directory {}: {e}",
@@ -265,10 +291,65 @@ pub fn restore(args: RepoRestoreArgs) -> Result<()> {
     result
 }
 
+/// The newest snapshot whose consistent point is before `until` (and has coordinates).
+fn newest_before(repo: &Repo, until: &Until, host: Option<&str>) -> Result<Snapshot> {
+    let before = |s: &Snapshot| -> bool {
+        let Some((file, pos)) = s.binlog.as_deref().and_then(|b| b.rsplit_once(':')) else {
+            return false;
+        };
+        match until {
+            Until::Time(t) => s.time <= *t,
+            Until::Gtid(g) => !s.gtid.as_deref().unwrap_or_default().split(',').any(|x| {
+                x.parse::<Gtid>()
+                    .is_ok_and(|b| b.domain == g.domain && b.seq >= g.seq)
+            }),
+            Until::Position(f, p) => {
+                crate::binlog::archive::later_name(f, file)
+                    || (f == file && pos.parse::<u64>().is_ok_and(|pos| pos <= *p))
+            }
+        }
+    };
+    repo.snapshots()?
+        .into_iter()
+        .filter(|s| host.is_none_or(|h| s.host == h || s.source == h))
+        .rfind(before)
+        .ok_or_else(|| {
+            Error::Refused(format!(
+                "no snapshot{} in {} is older than the target: nothing to replay onto",
+                host.map(|h| format!(" of {h}")).unwrap_or_default(),
+                repo.url
+            ))
+        })
+}
+
+/// The archived binary logs of the snapshot's server, from the snapshot's file on, into a
+/// directory archive.
+fn fetch_binlogs(repo: &Repo, snapshot: &Snapshot, dir: &Path) -> Result<()> {
+    let first = snapshot
+        .binlog
+        .as_deref()
+        .and_then(|b| b.rsplit_once(':'))
+        .map(|(f, _)| f.to_string())
+        .ok_or_else(|| {
+            Error::Refused(format!(
+                "snapshot {} has no binary log coordinates: nothing to replay from",
+                snapshot.id
+            ))
+        })?;
+    info!(
+        "Fetching the archived binary logs of {} from {first} on",
+        snapshot.host
+    );
+    remote::fetch(repo, &snapshot.host, dir, &|f| {
+        f.name == first || crate::binlog::archive::later_name(&f.name, &first)
+    })
+}
+
 fn restore_via(
     repo: &Repo,
     snapshot: &Snapshot,
     staging: &Path,
+    binlogs: Option<&Path>,
     args: &RepoRestoreArgs,
     cancel: &Cancel,
 ) -> Result<()> {
@@ -312,9 +393,9 @@ fn restore_via(
         rocksdb_waldir: args.rocksdb_waldir.clone(),
         defaults_file: args.defaults_file.clone(),
         mariadbd: args.mariadbd.clone(),
-        binlog_dir: None,
-        until: Default::default(),
-        replay_threads: 4,
+        binlog_dir: binlogs.map(Path::to_path_buf),
+        until: args.until.clone(),
+        replay_threads: args.replay_threads,
         skip_bootstrap: args.skip_bootstrap,
     };
     restore::run(&restore_args, Mode::Move, cancel)

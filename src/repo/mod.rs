@@ -288,6 +288,11 @@ impl Repo {
         }
     }
 
+    /// Sixteen hex digits derived from `text`, revealing nothing without the key.
+    pub fn tag(&self, text: &str) -> String {
+        self.name(text)[..16].to_string()
+    }
+
     /// Four hex digits that tell apart the servers backed up (the start of their snapshots'
     /// ids), revealing nothing without the key.
     pub fn source_tag(&self, source: &str) -> String {
