@@ -1,13 +1,15 @@
 //! Point-in-time recovery: binary logs archived by `binlog archive` while the bank workload
 //! runs (across a `FLUSH BINARY LOGS`, a server restart and an archiver killed with -9),
 //! replayed onto a backup up to a recorded GTID, time and position; a damaged archive
-//! refused.
+//! refused. An archive in a repository (S3), restored from the newest snapshot before the
+//! target; closed files copied from the server's directory.
 
 use std::fs;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sandbox::s3::S3;
 use sandbox::workload::{assert_bank_consistent, load_bank, Load};
 use sandbox::Server;
 
@@ -227,4 +229,126 @@ fn restores_to_a_gtid_a_time_and_a_position_under_load_across_a_flush_a_restart_
     assert!(!out.status.success());
     assert!(text.contains("does not continue"), "{text}");
     assert!(!empty.exists(), "a refused restore leaves nothing");
+}
+
+#[test]
+fn a_repository_restores_the_newest_snapshot_before_the_target_and_files_mode_archives_what_the_server_closed(
+) {
+    let s3 = S3::start();
+    let server = Server::start();
+    load_bank(&server, 2_000);
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let repo = |args: &[&str]| {
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .args(["--repo", &s3.url("pitr"), "--key-file"])
+            .arg(&key)
+            .envs(s3.env());
+        cmd
+    };
+    let ok = |mut cmd: Command| {
+        let out = cmd.output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{cmd:?}: {log}");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), log)
+    };
+    ok(repo(&["repo", "init"]));
+    let spool = dir.path().join("spool");
+    let mut archiver = repo(&[
+        "binlog",
+        "archive",
+        "--user",
+        "root",
+        "--upload-interval",
+        "0.3",
+    ])
+    .arg("--socket")
+    .arg(&server.socket)
+    .arg("--spool-dir")
+    .arg(&spool)
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let files = dir.path().join("files");
+    let mut copier = Command::new(bin())
+        .args(["binlog", "archive", "--poll", "0.3", "--from-datadir"])
+        .arg(server.binlog_dir())
+        .arg("--target-dir")
+        .arg(&files)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let backup = |server: &Server| {
+        let mut cmd = repo(&["backup", "--user", "root"]);
+        cmd.arg(format!("--socket={}", server.socket.display()));
+        ok(cmd).0.trim().to_string()
+    };
+
+    let load = Load::start(&server);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = backup(&server);
+    std::thread::sleep(Duration::from_millis(500));
+    server.exec("FLUSH BINARY LOGS");
+    std::thread::sleep(Duration::from_millis(500));
+    load.stop();
+    let gtid = server.value("SELECT @@gtid_binlog_pos");
+    let sums = server.checksums("bank");
+    let load = Load::start(&server);
+    std::thread::sleep(Duration::from_millis(500));
+    load.stop();
+    let after = backup(&server);
+    server.exec("FLUSH BINARY LOGS");
+    let end = server.value("SELECT @@gtid_binlog_pos");
+
+    // The spool's last upload and the copier's next look: then a clean stop.
+    std::thread::sleep(Duration::from_millis(2_000));
+    for child in [&mut archiver, &mut copier] {
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert!(child.wait().unwrap().success());
+    }
+    let (listing, _) = ok(repo(&["binlog", "list", "--json"]));
+    let listing: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(listing["ranges"][0]["end_gtid"], end.as_str(), "{listing}");
+    ok(repo(&["binlog", "verify"]));
+
+    let target = dir.path().join("restored");
+    let mut cmd = repo(&["restore", "--until-gtid", &gtid]);
+    cmd.arg(format!("--datadir={}", target.display()));
+    let (_, log) = ok(cmd);
+    assert!(log.contains(&format!("snapshot {before}")), "{log}");
+    assert!(!log.contains(&after));
+    let restored = Server::start_on(&target, &[]);
+    assert_eq!(restored.checksums("bank"), sums);
+    assert_eq!(restored.value("SELECT @@gtid_slave_pos"), gtid);
+    restored.stop();
+    let hidden: Vec<_> = leftovers(dir.path())
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(
+        hidden.is_empty(),
+        "staging, binary logs or replay left: {hidden:?}"
+    );
+
+    // The copier took every file the server closed, as the server has it, and not the open one.
+    let out = binlog(&["verify"], &files);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copied: Vec<String> = walk(&files)
+        .into_iter()
+        .filter(|f| f.starts_with("binlog.") && !f.ends_with(".index"))
+        .collect();
+    let open = server.rows("SHOW MASTER STATUS")[0][0].clone();
+    assert_eq!(copied.len(), 2, "{copied:?}");
+    assert!(!copied.contains(&open));
+    for f in &copied {
+        assert_eq!(
+            fs::read(files.join(f)).unwrap(),
+            fs::read(server.binlog_dir().join(f)).unwrap()
+        );
+    }
 }
