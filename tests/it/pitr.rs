@@ -13,7 +13,7 @@ use sandbox::s3::S3;
 use sandbox::workload::{assert_bank_consistent, load_bank, Load};
 use sandbox::Server;
 
-use crate::common::db::*;
+use crate::common::db::{backup_cmd, leftovers, Mount};
 use crate::common::*;
 
 fn start_archiver(server: &Server, archive: &Path, log: &Path) -> Child {
@@ -351,4 +351,79 @@ fn a_repository_restores_the_newest_snapshot_before_the_target_and_files_mode_ar
             fs::read(server.binlog_dir().join(f)).unwrap()
         );
     }
+}
+
+fn archive_output(server: &Server, archive: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(bin())
+        .args(["binlog", "archive", "--user", "root", "--socket"])
+        .arg(&server.socket)
+        .arg("--target-dir")
+        .arg(archive)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_archiver_refuses_clearly_and_a_full_disk_leaves_a_whole_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let no_binlog = Server::start_with(&["--skip-log-bin"]);
+    let (code, log) = archive_output(&no_binlog, &tmp.path().join("a"), &[]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("binary log on?"), "{log}");
+    drop(no_binlog);
+
+    let server = Server::start();
+    let (code, log) = archive_output(&server, &tmp.path().join("b"), &["--password=wrong"]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("access denied"), "{log}");
+    assert!(!log.contains("wrong"), "the password is in the log: {log}");
+
+    // One archiver per directory.
+    let archive = tmp.path().join("c");
+    let mut first = start_archiver(&server, &archive, &tmp.path().join("c.log"));
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, log) = archive_output(&server, &archive, &[]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("another archiver"), "{log}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    // A full disk: the archiver stops with the error; what it recorded is whole.
+    let mount = Mount::tmpfs(&tmp.path().join("small"), 2);
+    let small = mount.0.join("archive");
+    server.exec(
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY, pad VARBINARY(600)) ENGINE=ROCKSDB",
+    );
+    let mut archiver = start_archiver(&server, &small, &tmp.path().join("small.log"));
+    for i in 0..10 {
+        server.exec(&format!(
+            "USE app; INSERT INTO app.t SELECT seq + {}, RANDOM_BYTES(500) FROM seq_1_to_1000",
+            i * 1000
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = archiver.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the archiver did not stop on a full disk"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = fs::read_to_string(tmp.path().join("small.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("No space left"), "{log}");
+    let out = binlog(&["verify"], &small);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
