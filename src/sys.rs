@@ -278,6 +278,20 @@ pub fn local_time(secs: i64) -> (i32, i32, i32, i32, i32, i32) {
     )
 }
 
+/// Seconds since the epoch of a local wall-clock time; None when there is no such time.
+pub fn from_local_time(y: i32, mo: i32, d: i32, h: i32, mi: i32, s: i32) -> Option<i64> {
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    tm.tm_year = y - 1900;
+    tm.tm_mon = mo - 1;
+    tm.tm_mday = d;
+    tm.tm_hour = h;
+    tm.tm_min = mi;
+    tm.tm_sec = s;
+    tm.tm_isdst = -1;
+    let secs = unsafe { libc::mktime(&mut tm) };
+    (secs != -1).then_some(secs)
+}
+
 /// `rename` that fails instead of replacing an existing target.
 pub fn rename_noreplace(src: &Path, dst: &Path) -> std::io::Result<()> {
     let c =

@@ -45,8 +45,9 @@ pub struct Client {
     stream: Box<dyn Stream>,
     seq: u8,
     endpoint: String,
-    /// Bytes read and not yet taken as packets.
+    /// Bytes read; those before `taken` were taken as packets.
     buf: Vec<u8>,
+    taken: usize,
 }
 
 /// What the dump sends next.
@@ -92,6 +93,7 @@ impl Client {
             seq: 0,
             endpoint,
             buf: Vec::new(),
+            taken: 0,
         };
         c.login(creds)?;
         Ok(c)
@@ -242,6 +244,9 @@ impl Client {
             if let Some(p) = self.take_packet() {
                 return Ok(Some(p));
             }
+            // Packets taken leave the buffer here, once per read rather than once each.
+            self.buf.drain(..self.taken);
+            self.taken = 0;
             let start = self.buf.len();
             self.buf.resize(start + (1 << 20), 0);
             let n = self.stream.read(&mut self.buf[start..]);
@@ -265,7 +270,7 @@ impl Client {
 
     /// Takes a whole logical packet off the buffer.
     fn take_packet(&mut self) -> Option<Vec<u8>> {
-        let mut at = 0;
+        let mut at = self.taken;
         let mut pieces = Vec::new();
         loop {
             let head = self.buf.get(at..at + 4)?;
@@ -285,7 +290,7 @@ impl Client {
         for (s, l) in pieces {
             out.extend_from_slice(&self.buf[s..s + l]);
         }
-        self.buf.drain(..at);
+        self.taken = at;
         Some(out)
     }
 

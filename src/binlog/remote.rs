@@ -249,3 +249,26 @@ pub fn fetch(repo: &Repo, host: &str, dir: &Path, keep: &dyn Fn(&FileIndex) -> b
     }
     Ok(())
 }
+
+/// Removes the archived files of `host` that come before `first` (its indexes first, so
+/// that a removal cut short leaves no file that seems whole). Returns files and bytes.
+pub fn remove_before(repo: &Repo, host: &str, first: &str) -> Result<(usize, u64)> {
+    let prefix = host_prefix(repo, host);
+    let (mut files, mut bytes) = (0, 0);
+    for (file, list) in pieces(repo, &prefix)? {
+        if !archive::later_name(first, &file) {
+            continue;
+        }
+        for p in &list {
+            let name = piece_name(&prefix, &file, p.start, p.end);
+            repo.store().delete(&format!("{name}{INDEX_SUFFIX}"))?;
+        }
+        for p in &list {
+            repo.store()
+                .delete(&piece_name(&prefix, &file, p.start, p.end))?;
+            bytes += p.end - p.start;
+        }
+        files += 1;
+    }
+    Ok((files, bytes))
+}

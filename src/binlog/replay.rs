@@ -92,18 +92,10 @@ fn parse_time(text: &str) -> Result<i64> {
     let (&[y, mo, day], &[hh, mi, ss]) = (&d[..], &h[..]) else {
         return Err(bad());
     };
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    tm.tm_year = y - 1900;
-    tm.tm_mon = mo - 1;
-    tm.tm_mday = day;
-    tm.tm_hour = hh;
-    tm.tm_min = mi;
-    tm.tm_sec = ss;
-    tm.tm_isdst = -1;
-    let secs = unsafe { libc::mktime(&mut tm) };
-    if secs == -1 || !(1..=12).contains(&mo) || !(1..=31).contains(&day) {
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&day) || !(0..=23).contains(&hh) {
         return Err(bad());
     }
+    let secs = crate::sys::from_local_time(y, mo, day, hh, mi, ss).ok_or_else(bad)?;
     Ok(secs)
 }
 
@@ -303,6 +295,14 @@ pub struct Target<'a> {
     pub wal_dir: &'a Path,
     /// Parallel appliers.
     pub threads: usize,
+}
+
+/// Parallel appliers by default: none. Measured on 2 CPUs, 30,000 bank transfers replay in
+/// 5.1 s in the replication thread itself, 5.4 s with one worker and 6.5 s with four:
+/// conservative parallel replication runs in parallel only what the source committed in
+/// one group, and handing each transaction to a worker costs more than that saves here.
+pub fn default_threads() -> usize {
+    0
 }
 
 /// Server ids of the two throwaway servers; the restored one applies events of any id.

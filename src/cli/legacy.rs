@@ -85,7 +85,7 @@ impl LegacyArgs {
                 mariadbd: self.mariadbd,
                 binlog_dir: None,
                 until: Default::default(),
-                replay_threads: 4,
+                replay_threads: None,
                 skip_bootstrap: false,
             }));
         }

@@ -281,9 +281,10 @@ pub struct RepoRestoreArgs {
     /// `--snapshot latest`, the newest snapshot before the point is restored
     #[command(flatten)]
     pub until: UntilArgs,
-    /// Transactions the replay applies in parallel
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub replay_threads: u16,
+    /// Parallel appliers of the replay (MariaDB's slave_parallel_threads, conservative
+    /// mode) [default: 0, the replication thread applies itself: the fastest measured]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub replay_threads: Option<u16>,
 }
 
 #[derive(Args, Debug)]
@@ -637,9 +638,10 @@ pub struct RestoreArgs {
     pub binlog_dir: Option<PathBuf>,
     #[command(flatten)]
     pub until: UntilArgs,
-    /// Transactions the replay applies in parallel
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub replay_threads: u16,
+    /// Parallel appliers of the replay (MariaDB's slave_parallel_threads, conservative
+    /// mode) [default: 0, the replication thread applies itself: the fastest measured]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub replay_threads: Option<u16>,
 }
 
 /// Where a replay of archived binary logs stops: one of the three.

@@ -58,7 +58,7 @@ pub fn run(args: ReceiveArgs) -> Result<()> {
             mariadbd: args.mariadbd.clone(),
             binlog_dir: None,
             until: Default::default(),
-            replay_threads: 4,
+            replay_threads: None,
             skip_bootstrap: false,
         };
         let cancel = cancel.clone();

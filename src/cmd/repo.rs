@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::binlog::archive::later_name;
 use crate::binlog::event::Gtid;
 use crate::binlog::remote;
 use crate::binlog::replay::Until;
@@ -304,8 +305,7 @@ fn newest_before(repo: &Repo, until: &Until, host: Option<&str>) -> Result<Snaps
                     .is_ok_and(|b| b.domain == g.domain && b.seq >= g.seq)
             }),
             Until::Position(f, p) => {
-                crate::binlog::archive::later_name(f, file)
-                    || (f == file && pos.parse::<u64>().is_ok_and(|pos| pos <= *p))
+                later_name(f, file) || (f == file && pos.parse::<u64>().is_ok_and(|pos| pos <= *p))
             }
         }
     };
@@ -341,7 +341,7 @@ fn fetch_binlogs(repo: &Repo, snapshot: &Snapshot, dir: &Path) -> Result<()> {
         snapshot.host
     );
     remote::fetch(repo, &snapshot.host, dir, &|f| {
-        f.name == first || crate::binlog::archive::later_name(&f.name, &first)
+        f.name == first || later_name(&f.name, &first)
     })
 }
 
@@ -730,10 +730,34 @@ pub fn prune(args: &PruneArgs) -> Result<()> {
             locks.len()
         );
     }
+    prune_binlogs(&repo)?;
     info!(
         "Pruned {deleted} object(s), {} freed; completed OK!",
         human(freed)
     );
+    Ok(())
+}
+
+/// Archived binary logs that end before every snapshot of their server serve no restore:
+/// the files before the oldest snapshot's file go. A server with no snapshot keeps all.
+fn prune_binlogs(repo: &Repo) -> Result<()> {
+    let snapshots = repo.snapshots()?;
+    for host in remote::hosts(repo)? {
+        let files = snapshots
+            .iter()
+            .filter(|s| s.host == host)
+            .filter_map(|s| s.binlog.as_deref()?.rsplit_once(':').map(|(f, _)| f));
+        let Some(oldest) = files.reduce(|a, b| if later_name(a, b) { b } else { a }) else {
+            continue;
+        };
+        let (removed, bytes) = remote::remove_before(repo, &host, oldest)?;
+        if removed > 0 {
+            info!(
+                "Removed {removed} archived binary log(s) of {host} ({}) older than its oldest snapshot ({oldest})",
+                human(bytes)
+            );
+        }
+    }
     Ok(())
 }
 

@@ -154,7 +154,9 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
                 datadir: &datadir,
                 rocksdb_dir: &rocksdb_dir,
                 wal_dir: &wal_dir,
-                threads: usize::from(args.replay_threads),
+                threads: args
+                    .replay_threads
+                    .map_or_else(replay::default_threads, usize::from),
             };
             let replayed = replay::run(plan, &target, cancel);
             if replayed.is_err() {

@@ -331,6 +331,17 @@ fn a_repository_restores_the_newest_snapshot_before_the_target_and_files_mode_ar
         "staging, binary logs or replay left: {hidden:?}"
     );
 
+    // Binary logs older than every snapshot go with the snapshots that needed them.
+    let (_, log) = ok(repo(&["forget", "--keep-last", "1", "--prune"]));
+    assert!(log.contains("Removed 1 archived binary log(s)"), "{log}");
+    let (listing, _) = ok(repo(&["binlog", "list", "--json"]));
+    let listing: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(
+        listing["ranges"][0]["first_file"], "binlog.000002",
+        "{listing}"
+    );
+    ok(repo(&["binlog", "verify"]));
+
     // The copier took every file the server closed, as the server has it, and not the open one.
     let out = binlog(&["verify"], &files);
     assert!(
@@ -382,6 +393,29 @@ fn the_archiver_refuses_clearly_and_a_full_disk_leaves_a_whole_archive() {
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("access denied"), "{log}");
     assert!(!log.contains("wrong"), "the password is in the log: {log}");
+
+    // A user with only the privileges the README names, its password from MYSQL_PWD.
+    server.exec(
+        "CREATE USER archiver@localhost IDENTIFIED BY 's3cret!';
+         GRANT REPLICATION SLAVE, BINLOG MONITOR ON *.* TO archiver@localhost",
+    );
+    let archive = tmp.path().join("by-user");
+    let child = Command::new(bin())
+        .args(["binlog", "archive", "--user", "archiver", "--socket"])
+        .arg(&server.socket)
+        .arg("--target-dir")
+        .arg(&archive)
+        .env("MYSQL_PWD", "s3cret!")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    server.exec("CREATE DATABASE by_user");
+    wait_archived(&server, &archive);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(!log.contains("s3cret"), "the password is in the log: {log}");
 
     // One archiver per directory.
     let archive = tmp.path().join("c");
