@@ -289,7 +289,8 @@ pub fn from_local_time(y: i32, mo: i32, d: i32, h: i32, mi: i32, s: i32) -> Opti
     tm.tm_sec = s;
     tm.tm_isdst = -1;
     let secs = unsafe { libc::mktime(&mut tm) };
-    (secs != -1).then_some(secs)
+    // mktime moves a time that does not exist (10:75, or in a clock change's gap): refused.
+    (secs != -1 && local_time(secs) == (y, mo, d, h, mi, s)).then_some(secs)
 }
 
 /// `rename` that fails instead of replacing an existing target.

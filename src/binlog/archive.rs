@@ -19,6 +19,8 @@ use crate::sink::dir::sync_dir;
 
 pub const INDEX_SUFFIX: &str = ".index";
 const LOCK_NAME: &str = ".archiver.lock";
+/// Marks a directory as an archive: only there does the archiver remove a file.
+const MARKER_NAME: &str = ".myrocks-hotbackup-binlogs";
 
 /// What the archive holds of one binary log file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -94,7 +96,7 @@ pub fn load(dir: &Path) -> Result<Vec<FileIndex>> {
     Ok(files)
 }
 
-/// Whether `dir` looks like a binary log archive (or is empty, to become one).
+/// Refuses what is not a binary log archive.
 pub fn check_dir(dir: &Path) -> Result<()> {
     let md = fs::metadata(dir).with_path("open the binary log archive", dir)?;
     if !md.is_dir() {
@@ -103,7 +105,35 @@ pub fn check_dir(dir: &Path) -> Result<()> {
             dir.display()
         )));
     }
+    if !dir.join(MARKER_NAME).exists() {
+        return Err(Error::Usage(format!(
+            "{} is not a binary log archive (`binlog archive --target-dir` makes one)",
+            dir.display()
+        )));
+    }
     Ok(())
+}
+
+/// Makes `dir` an archive: created, or empty, or one already.
+pub fn claim_dir(dir: &Path) -> Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(format!("cannot create {}", dir.display()), e)),
+    }
+    let marker = dir.join(MARKER_NAME);
+    if marker.exists() {
+        return check_dir(dir);
+    }
+    let mut entries = fs::read_dir(dir).with_path("read", dir)?;
+    if entries.next().is_some() {
+        return Err(Error::Refused(format!(
+            "{} is not empty and not a binary log archive: give a new or empty directory",
+            dir.display()
+        )));
+    }
+    File::create(&marker).with_path("create", &marker)?;
+    sync_dir(dir)
 }
 
 /// The writing side: one archiver per directory (it holds a lock), appending to the
@@ -127,18 +157,15 @@ struct Open {
     len: u64,
     /// Bytes written since the last sync.
     unsynced: bool,
+    /// A sync failed: nothing more may be recorded.
+    failed: bool,
 }
 
 impl Writer {
     /// Opens (creating) the archive directory, cuts every file back to what its index
     /// records, and removes files that no index records.
     pub fn open(dir: &Path) -> Result<Writer> {
-        match fs::create_dir(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io(format!("cannot create {}", dir.display()), e)),
-        }
-        check_dir(dir)?;
+        claim_dir(dir)?;
         let lock_path = dir.join(LOCK_NAME);
         let lock = OpenOptions::new()
             .create(true)
@@ -235,6 +262,7 @@ impl Writer {
             tracker,
             crc,
             unsynced: false,
+            failed: false,
         });
         Ok(())
     }
@@ -285,6 +313,7 @@ impl Writer {
             crc: crc32fast::Hasher::new(),
             len: 0,
             unsynced: false,
+            failed: false,
         });
         Ok(())
     }
@@ -310,7 +339,7 @@ impl Writer {
             o.len = 4;
         }
         if h.len as usize != ev.len() || u64::from(h.next_pos) != o.len + ev.len() as u64 {
-            return Err(Error::Server(format!(
+            return Err(Error::Corrupt(format!(
                 "{}: an event at {} says it ends at {} (length {}): the stream skipped or repeated events",
                 o.recorded.name, o.len, h.next_pos, ev.len()
             )));
@@ -327,9 +356,9 @@ impl Writer {
         let step = o
             .tracker
             .step(ev)
-            .map_err(|e| Error::Server(format!("{} at {}: {e}", o.recorded.name, o.len)))?;
+            .map_err(|e| Error::Corrupt(format!("{} at {}: {e}", o.recorded.name, o.len)))?;
         if o.tracker.checksum && !event::checksum_ok(ev) {
-            return Err(Error::Server(format!(
+            return Err(Error::Corrupt(format!(
                 "{} at {}: an event arrived with a wrong checksum",
                 o.recorded.name, o.len
             )));
@@ -390,7 +419,15 @@ impl Writer {
             return Ok(());
         }
         let path = dir.join(&o.recorded.name);
-        o.file.sync_data().with_path("sync", &path)?;
+        if o.failed {
+            return Err(Error::Closed);
+        }
+        // After a failed sync the written bytes may be lost whatever a second sync says:
+        // nothing more is recorded of this file until it is opened again.
+        if let Err(e) = o.file.sync_data() {
+            o.failed = true;
+            return Err(Error::io(format!("cannot sync {}", path.display()), e));
+        }
         o.unsynced = false;
         if o.boundary != o.recorded {
             write_index(&dir, &o.boundary)?;
@@ -419,16 +456,31 @@ impl Writer {
         if data.get(..4) != Some(event::MAGIC) {
             return Err(Error::Corrupt(format!("{name} is not a binary log")));
         }
+        // A server that crashed may have left half an event at the end: whole events count.
+        let mut whole = 4;
+        while let Some(h) = Header::parse(&data[whole..]) {
+            let end = whole + h.len as usize;
+            if (h.len as usize) < event::HEADER_LEN || end > data.len() {
+                break;
+            }
+            whole = end;
+        }
+        if whole < data.len() {
+            crate::warn!(
+                "{name} ends with {} bytes that are no whole event (a crash?): archived up to {whole}",
+                data.len() - whole
+            );
+        }
         self.begin(name)?;
         let imported = (|| {
-            for item in Walk::new(data, 4) {
+            for item in Walk::new(&data[..whole], 4) {
                 let (_, ev) = item.map_err(|e| Error::Corrupt(format!("{name}: {e}")))?;
                 self.append(ev)?;
             }
             self.close()
         })();
         if imported.is_err() {
-            let _ = self.rewind();
+            let _ = self.abandon();
         }
         imported
     }
@@ -436,7 +488,10 @@ impl Writer {
     /// Lets go of the current file without ending it (the connection dropped): bytes past
     /// the last transaction boundary are cut off, to be sent again.
     pub fn rewind(&mut self) -> Result<()> {
-        self.commit()?;
+        let committed = match self.current.as_ref().is_some_and(|o| o.failed) {
+            true => Ok(()),
+            false => self.commit(),
+        };
         if let Some(o) = self.current.take() {
             let path = self.dir.join(&o.recorded.name);
             o.file
@@ -447,6 +502,25 @@ impl Writer {
                 fs::remove_file(&path).with_path("remove", &path)?;
                 sync_dir(&self.dir)?;
             }
+        }
+        committed
+    }
+
+    /// Removes the file being written and its index (an import that failed).
+    fn abandon(&mut self) -> Result<()> {
+        if let Some(o) = self.current.take() {
+            let index = self.dir.join(format!("{}{INDEX_SUFFIX}", o.recorded.name));
+            for path in [self.dir.join(&o.recorded.name), index] {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(Error::io(format!("cannot remove {}", path.display()), e))
+                    }
+                }
+            }
+            self.files.retain(|f| f.name != o.recorded.name);
+            sync_dir(&self.dir)?;
         }
         Ok(())
     }

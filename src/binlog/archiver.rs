@@ -142,10 +142,15 @@ fn check_same_history(server: &mut Server, last: &FileIndex) -> Result<()> {
         (last.name.clone(), last.size),
     )?;
     let theirs = at.into_iter().next().flatten().unwrap_or_default();
-    if theirs != last.end.position_text() {
+    let sorted = |text: &str| {
+        let mut v: Vec<String> = text.split(',').map(|s| s.trim().to_string()).collect();
+        v.sort();
+        v
+    };
+    if sorted(&theirs) != sorted(&last.end.position_text()) {
         return Err(Error::Refused(format!(
-            "the server's {} at {} is at GTID {theirs:?}, the archive's at {:?}: this is not the server the \
-             archive was taken from; archive it into a new directory",
+            "the server's {} at {} is at GTID {theirs:?}, the archive's at {:?}: another server, or this one \
+             lost the end of that file in a crash (sync_binlog=0); archive it into a new directory",
             last.name,
             last.size,
             last.end.position_text()
@@ -216,7 +221,6 @@ fn session(
     }
     *connected_once = true;
 
-    let mut last_packet = Instant::now();
     let mut last_sync = Instant::now();
     let mut warned_lag = Instant::now() - Duration::from_secs(3600);
     let mut received: u64 = 0;
@@ -226,11 +230,12 @@ fn session(
         let now = Instant::now();
         match packet {
             None => {
-                if now - last_packet > opts.heartbeat * 3 {
+                // Counted from the last bytes: a large event arrives in many reads.
+                if client.quiet_for() > opts.heartbeat * 3 {
                     return Err(Error::Server(format!(
                         "nothing from the server at {} for {:.0} s, not even a heartbeat",
                         creds.endpoint,
-                        (now - last_packet).as_secs_f64()
+                        client.quiet_for().as_secs_f64()
                     )));
                 }
                 archive.commit()?;
@@ -242,7 +247,6 @@ fn session(
                 return Err(Error::Server("the server ended the dump".into()));
             }
             Some(Packet::Event(ev)) => {
-                last_packet = now;
                 let h = Header::parse(&ev)
                     .ok_or_else(|| Error::Server("a truncated event in the dump".into()))?;
                 if h.kind == event::HEARTBEAT {
@@ -256,7 +260,7 @@ fn session(
                         archive.begin(&name)?;
                         let at = archive.position();
                         if at > 0 && u64::from(rotate_pos(&ev)) != at {
-                            return Err(Error::Server(format!(
+                            return Err(Error::Corrupt(format!(
                                 "the server resumes {name} at {}, the archive holds {at} bytes",
                                 rotate_pos(&ev)
                             )));
@@ -323,11 +327,14 @@ fn rotate_pos(ev: &[u8]) -> u32 {
         .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()) as u32)
 }
 
-/// The default server id: derived from the archive's path, so that two archivers on one
-/// host differ, in a range servers rarely use.
+/// The default server id: derived from this host's name and the archive's path, so that
+/// two archivers differ, in a range servers rarely use.
 pub fn default_server_id(dir: &Path) -> u32 {
     let path = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let h = crc32fast::hash(path.as_os_str().as_encoded_bytes());
+    let mut h = crc32fast::Hasher::new();
+    h.update(crate::sys::hostname().as_bytes());
+    h.update(path.as_os_str().as_encoded_bytes());
+    let h = h.finalize();
     0xf000_0000 | (h & 0x0fff_ffff)
 }
 

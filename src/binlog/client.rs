@@ -48,6 +48,8 @@ pub struct Client {
     /// Bytes read; those before `taken` were taken as packets.
     buf: Vec<u8>,
     taken: usize,
+    /// When bytes last arrived.
+    heard: std::time::Instant,
 }
 
 /// What the dump sends next.
@@ -94,6 +96,7 @@ impl Client {
             endpoint,
             buf: Vec::new(),
             taken: 0,
+            heard: std::time::Instant::now(),
         };
         c.login(creds)?;
         Ok(c)
@@ -153,7 +156,18 @@ impl Client {
                     let data = data.strip_suffix(&[0]).unwrap_or(data);
                     let answer = match name.as_str() {
                         "mysql_native_password" => native_password(password, data),
-                        "mysql_clear_password" => [password, &[0]].concat(),
+                        // Only where nobody can listen: there is no TLS here.
+                        "mysql_clear_password" if matches!(creds.endpoint, Endpoint::Socket(_)) => {
+                            [password, &[0]].concat()
+                        }
+                        "mysql_clear_password" => {
+                            return Err(Error::Server(format!(
+                                "the server at {} asks for the password in clear text over TCP, which the \
+                                 binary log archiver refuses (it has no TLS): connect over the socket, or \
+                                 give its user IDENTIFIED VIA mysql_native_password",
+                                self.endpoint
+                            )))
+                        }
                         "unix_socket" | "auth_socket" => Vec::new(),
                         other => {
                             return Err(Error::Server(format!(
@@ -232,6 +246,11 @@ impl Client {
     }
 
     /// A whole packet (joined from its 16 MiB pieces), waiting as long as the timeout.
+    /// How long since bytes last arrived.
+    pub fn quiet_for(&self) -> Duration {
+        self.heard.elapsed()
+    }
+
     fn read(&mut self) -> Result<Vec<u8>> {
         self.try_read()?
             .ok_or_else(|| self.network(std::io::ErrorKind::TimedOut.into()))
@@ -255,7 +274,10 @@ impl Client {
                     self.buf.truncate(start);
                     return Err(self.network(std::io::ErrorKind::UnexpectedEof.into()));
                 }
-                Ok(n) => self.buf.truncate(start + n),
+                Ok(n) => {
+                    self.buf.truncate(start + n);
+                    self.heard = std::time::Instant::now();
+                }
                 Err(e) => {
                     self.buf.truncate(start);
                     return match e.kind() {

@@ -283,13 +283,15 @@ impl Tracker {
             || matches!(h.kind, XID | XA_PREPARE)
             || (h.kind == QUERY
                 && query_text(event, self.checksum).is_some_and(|q| {
-                    let q = q.trim_ascii_start();
+                    // As the server tells them: `COMMIT` and `ROLLBACK` whole (a
+                    // `ROLLBACK TO savepoint` is inside the transaction), `XA COMMIT ...`.
+                    let q = q.trim_ascii();
                     let starts =
                         |w: &[u8]| q.len() >= w.len() && q[..w.len()].eq_ignore_ascii_case(w);
-                    starts(b"COMMIT")
-                        || starts(b"ROLLBACK")
-                        || starts(b"XA COMMIT")
-                        || starts(b"XA ROLLBACK")
+                    q.eq_ignore_ascii_case(b"COMMIT")
+                        || q.eq_ignore_ascii_case(b"ROLLBACK")
+                        || starts(b"XA COMMIT ")
+                        || starts(b"XA ROLLBACK ")
                 }));
         if ends {
             self.open = None;
@@ -360,6 +362,7 @@ mod tests {
             Step::Commit(_)
         ));
         t.step(&gtid(7, 0, 0)).unwrap();
+        assert_eq!(t.step(&query("ROLLBACK TO `sp1`")).unwrap(), Step::Inside);
         assert!(matches!(
             t.step(&query(" commit")).unwrap(),
             Step::Commit(_)

@@ -208,7 +208,7 @@ pub fn fetch(repo: &Repo, host: &str, dir: &Path, keep: &dyn Fn(&FileIndex) -> b
             "the repository holds no binary logs of {host}: run `binlog archive --repo` on it"
         )));
     }
-    fs::create_dir_all(dir).with_path("create", dir)?;
+    archive::claim_dir(dir)?;
     for (file, list) in all {
         let Some(last) = list.last() else { continue };
         let name = format!(

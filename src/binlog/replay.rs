@@ -31,8 +31,9 @@ pub enum Until {
     /// The last transaction committed at or before this time (seconds since the epoch);
     /// precisely: every transaction before the first one committed after it.
     Time(i64),
-    /// Up to and including this transaction.
-    Gtid(Gtid),
+    /// Up to and including these transactions (one, or a position of several domains as
+    /// `@@gtid_binlog_pos` shows it: up to the last of them in the binary log).
+    Gtid(Vec<Gtid>),
     /// Every transaction that ends at or before this position of this file.
     Position(String, u64),
 }
@@ -47,7 +48,9 @@ impl Until {
         Ok(match (time, gtid, position) {
             (Some(t), None, None) => Some(Until::Time(parse_time(t)?)),
             (None, Some(g), None) => Some(Until::Gtid(
-                g.parse()
+                g.split(',')
+                    .map(|x| x.parse())
+                    .collect::<std::result::Result<_, _>>()
                     .map_err(|e| Error::Usage(format!("--until-gtid: {e}")))?,
             )),
             (None, None, Some(p)) => {
@@ -147,17 +150,27 @@ pub fn plan(dir: &Path, backup: &Path, until: &Until) -> Result<Plan> {
         .map(|s| s.parse().map(|g: Gtid| (g.domain, g)))
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| Error::Corrupt(format!("the backup's GTID position: {e}")))?;
-    if let Until::Gtid(t) = until {
-        if slave.get(&t.domain).is_some_and(|g| g.seq >= t.seq) {
-            return Err(Error::Refused(format!(
-                "the backup already holds GTID {t} (its position is {bgtid}): restore an older backup"
-            )));
-        }
+    // The target's transactions not reached yet.
+    let mut remaining: Vec<Gtid> = match until {
+        Until::Gtid(list) => list.to_vec(),
+        _ => Vec::new(),
+    };
+    if let Some(held) = remaining
+        .iter()
+        .find(|t| slave.get(&t.domain).is_some_and(|g| g.seq >= t.seq))
+    {
+        return Err(Error::Refused(format!(
+            "the backup already holds GTID {held} (its position is {bgtid}): restore an older backup"
+        )));
     }
     let mut files = Vec::new();
     let (mut transactions, mut bytes, mut running) = (0u64, 0u64, 0u64);
     let mut last: Option<(Gtid, u32)> = None;
-    let mut last_before: Option<u32> = None;
+    // The last commit before the backup's coordinates: in their file, or the one before.
+    let mut last_before: Option<u32> = i0
+        .checked_sub(1)
+        .and_then(|i| all[i].last_time)
+        .filter(|_| i0 > 0 && all[i0 - 1].chains_to(&all[i0]));
     let mut prev_end = (bfile.clone(), bpos);
     let mut stop = None;
     'files: for (k, f) in all[i0..].iter().enumerate() {
@@ -188,7 +201,7 @@ pub fn plan(dir: &Path, backup: &Path, until: &Until) -> Result<Plan> {
             let ts = Header::parse(ev).map_or(0, |h| h.timestamp);
             if k == 0 && end <= bpos {
                 last_before = Some(ts);
-                if *until == Until::Gtid(g) {
+                if remaining.contains(&g) {
                     return Err(Error::Refused(format!(
                         "GTID {g} is before the backup's coordinates ({bfile}:{bpos}): restore an older backup"
                     )));
@@ -218,9 +231,25 @@ pub fn plan(dir: &Path, backup: &Path, until: &Until) -> Result<Plan> {
             slave.insert(g.domain, g);
             last = Some((g, ts));
             prev_end = (f.name.clone(), end);
-            if *until == Until::Gtid(g) {
-                stop = Some(prev_end.clone());
-                break 'files;
+            let targets: &[Gtid] = match until {
+                Until::Gtid(list) => list,
+                _ => &[],
+            };
+            if let Some(t) = targets
+                .iter()
+                .find(|t| t.domain == g.domain && t.seq < g.seq)
+            {
+                return Err(Error::Refused(format!(
+                    "the binary log goes past GTID {t} without it (to {g}): not a point this server's \
+                     binary log reached; give GTIDs as @@gtid_binlog_pos showed them"
+                )));
+            }
+            if remaining.contains(&g) {
+                remaining.retain(|x| *x != g);
+                if remaining.is_empty() {
+                    stop = Some(prev_end.clone());
+                    break 'files;
+                }
             }
         }
         if let Until::Position(pf, pp) = until {
@@ -247,8 +276,9 @@ pub fn plan(dir: &Path, backup: &Path, until: &Until) -> Result<Plan> {
                  to replay all of it, give --until-gtid with that GTID",
                 end_text()
             ),
-            Until::Gtid(g) => format!(
-                "GTID {g} is not in the archive after the backup's coordinates; the archive ends at {}",
+            Until::Gtid(_) => format!(
+                "GTID {} is not in the archive after the backup's coordinates; the archive ends at {}",
+                remaining.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(","),
                 end_text()
             ),
             Until::Position(f, p) => format!(
@@ -703,7 +733,7 @@ mod tests {
     fn until_options_parse_and_bad_ones_are_refused() {
         assert_eq!(
             Until::parse(None, Some("0-1-42"), None).unwrap(),
-            Some(Until::Gtid("0-1-42".parse().unwrap()))
+            Some(Until::Gtid(vec!["0-1-42".parse().unwrap()]))
         );
         assert_eq!(
             Until::parse(None, None, Some("bin.000003:1234")).unwrap(),
@@ -714,7 +744,16 @@ mod tests {
             Some(Until::Time(_))
         ));
         assert!(Until::parse(Some("yesterday"), None, None).is_err());
+        assert!(Until::parse(Some("2026-11-26 10:75:00"), None, None).is_err());
+        assert!(Until::parse(Some("2026-02-30 10:00:00"), None, None).is_err());
         assert!(Until::parse(None, Some("0-1"), None).is_err());
+        assert_eq!(
+            Until::parse(None, Some("0-1-42,1-2-7"), None).unwrap(),
+            Some(Until::Gtid(vec![
+                "0-1-42".parse().unwrap(),
+                "1-2-7".parse().unwrap()
+            ]))
+        );
         assert!(Until::parse(None, None, Some("bin.000003")).is_err());
         assert!(Until::parse(Some("2026-11-26 10:41:59"), Some("0-1-1"), None).is_err());
     }

@@ -652,7 +652,8 @@ pub struct UntilArgs {
     /// 'YYYY-MM-DD HH:MM:SS' (every transaction before the first committed later)
     #[arg(long, value_name = "TIME")]
     pub until_time: Option<String>,
-    /// Up to and including this transaction (DOMAIN-SERVER-SEQUENCE)
+    /// Up to and including this transaction (DOMAIN-SERVER-SEQUENCE), or these (a
+    /// position of several domains, as @@gtid_binlog_pos shows it)
     #[arg(long, value_name = "GTID")]
     pub until_gtid: Option<String>,
     /// Every transaction that ends at or before this position (FILE:POSITION)

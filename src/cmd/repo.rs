@@ -300,10 +300,18 @@ fn newest_before(repo: &Repo, until: &Until, host: Option<&str>) -> Result<Snaps
         };
         match until {
             Until::Time(t) => s.time <= *t,
-            Until::Gtid(g) => !s.gtid.as_deref().unwrap_or_default().split(',').any(|x| {
-                x.parse::<Gtid>()
-                    .is_ok_and(|b| b.domain == g.domain && b.seq >= g.seq)
-            }),
+            Until::Gtid(list) => {
+                let held: Vec<Gtid> = s
+                    .gtid
+                    .as_deref()
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                !list
+                    .iter()
+                    .any(|g| held.iter().any(|b| b.domain == g.domain && b.seq >= g.seq))
+            }
             Until::Position(f, p) => {
                 later_name(f, file) || (f == file && pos.parse::<u64>().is_ok_and(|pos| pos <= *p))
             }

@@ -162,6 +162,9 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
             if replayed.is_err() {
                 let after: HashSet<PathBuf> = targets.iter().flat_map(|d| listing(d)).collect();
                 undo.created.extend(after.difference(&before).cloned());
+                // The replay's server may have removed files moved in (WAL files replayed,
+                // SSTs compacted): nothing is left of them to move back.
+                undo.moved.retain(|(_, dst)| dst.exists());
             }
             replayed?;
         }

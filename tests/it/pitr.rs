@@ -1,5 +1,6 @@
 //! Point-in-time recovery: binary logs archived by `binlog archive` while the bank workload
-//! runs (across a `FLUSH BINARY LOGS`, a server restart and an archiver killed with -9),
+//! runs (across DDL in a second GTID domain, a `FLUSH BINARY LOGS`, a server restart and an
+//! archiver killed with -9),
 //! replayed onto a backup up to a recorded GTID, time and position; a damaged archive
 //! refused. An archive in a repository (S3), restored from the newest snapshot before the
 //! target; closed files copied from the server's directory.
@@ -98,6 +99,14 @@ fn restores_to_a_gtid_a_time_and_a_position_under_load_across_a_flush_a_restart_
         String::from_utf8_lossy(&out.stderr)
     );
     std::thread::sleep(Duration::from_millis(500));
+    // DDL and rows in a second GTID domain.
+    server.exec(
+        "SET SESSION gtid_domain_id = 1;
+         CREATE TABLE bank.notes (id INT PRIMARY KEY, note VARCHAR(50)) ENGINE=ROCKSDB;
+         INSERT INTO bank.notes VALUES (1, 'domain one');
+         ALTER TABLE bank.notes ADD COLUMN n INT;
+         INSERT INTO bank.notes VALUES (2, 'altered', 2)",
+    );
     server.exec("FLUSH BINARY LOGS");
     std::thread::sleep(Duration::from_millis(500));
     load.stop();
@@ -416,6 +425,15 @@ fn the_archiver_refuses_clearly_and_a_full_disk_leaves_a_whole_archive() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(!log.contains("s3cret"), "the password is in the log: {log}");
+
+    // A directory that is not an archive and not empty is refused, and left as it was.
+    let other = tmp.path().join("other");
+    fs::create_dir(&other).unwrap();
+    fs::write(other.join("binlog.000001"), b"not ours").unwrap();
+    let (code, log) = archive_output(&server, &other, &[]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("not a binary log archive"), "{log}");
+    assert_eq!(fs::read(other.join("binlog.000001")).unwrap(), b"not ours");
 
     // One archiver per directory.
     let archive = tmp.path().join("c");
