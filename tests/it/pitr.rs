@@ -403,15 +403,24 @@ fn the_archiver_refuses_clearly_and_a_full_disk_leaves_a_whole_archive() {
     assert!(log.contains("access denied"), "{log}");
     assert!(!log.contains("wrong"), "the password is in the log: {log}");
 
-    // A user with only the privileges the README names, its password from MYSQL_PWD.
+    // A user with only the privileges the README names, over TCP, its password from
+    // MYSQL_PWD.
     server.exec(
-        "CREATE USER archiver@localhost IDENTIFIED BY 's3cret!';
-         GRANT REPLICATION SLAVE, BINLOG MONITOR ON *.* TO archiver@localhost",
+        "CREATE USER archiver@'127.0.0.1' IDENTIFIED BY 's3cret!';
+         GRANT REPLICATION SLAVE, BINLOG MONITOR ON *.* TO archiver@'127.0.0.1'",
     );
     let archive = tmp.path().join("by-user");
     let child = Command::new(bin())
-        .args(["binlog", "archive", "--user", "archiver", "--socket"])
-        .arg(&server.socket)
+        .args([
+            "binlog",
+            "archive",
+            "--user",
+            "archiver",
+            "--host",
+            "127.0.0.1",
+            "--port",
+        ])
+        .arg(server.port.to_string())
         .arg("--target-dir")
         .arg(&archive)
         .env("MYSQL_PWD", "s3cret!")
