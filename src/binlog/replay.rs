@@ -398,6 +398,9 @@ fn replay_in(plan: &Plan, target: &Target, tmp: &Path, cancel: &Cancel) -> Resul
     cancel.check()?;
 
     let port = free_port()?;
+    // The serving server's port is open to the host's users: with grant tables of its own,
+    // only the restored server, with a password made for this run, may read from it.
+    let secured = secure_source(target.mariadbd, &source_dir);
     let mut source = Command::new(target.mariadbd);
     source
         .arg("--no-defaults")
@@ -405,11 +408,14 @@ fn replay_in(plan: &Plan, target: &Target, tmp: &Path, cancel: &Cancel) -> Resul
         .arg(format!("--log-bin={}", source_dir.join(&base).display()))
         .arg(format!("--log-bin-index={}", index_path.display()))
         .arg(format!("--server-id={SOURCE_ID}"))
-        .arg("--skip-grant-tables")
+        .arg("--innodb-log-file-size=8M")
         .arg("--bind-address=127.0.0.1")
         .arg(format!("--port={port}"))
         .arg("--innodb-buffer-pool-size=16M")
         .arg("--skip-slave-start");
+    if secured.is_none() {
+        source.arg("--skip-grant-tables");
+    }
     let mut source = Proc::start(source, "source", tmp)?;
     let mut replica = Command::new(target.mariadbd);
     match target.defaults_file {
@@ -467,11 +473,26 @@ fn replay_in(plan: &Plan, target: &Target, tmp: &Path, cancel: &Cancel) -> Resul
         replica.arg("--plugin-load-add=ha_rocksdb.so");
     }
     let mut replica = Proc::start(replica, "restored", tmp)?;
-    source.wait_ready(cancel)?;
+    let mut source_conn = source.wait_ready(cancel)?;
+    let password = match secured {
+        Some(password) => {
+            source_conn
+                .query_drop(format!(
+                    "CREATE USER replay@'127.0.0.1' IDENTIFIED BY '{password}'; \
+                     GRANT REPLICATION SLAVE ON *.* TO replay@'127.0.0.1'"
+                ))
+                .map_err(|e| {
+                    Error::Server(format!("replay: creating the replication user: {e}"))
+                })?;
+            password
+        }
+        None => String::new(),
+    };
+    drop(source_conn);
     let mut conn = replica.wait_ready(cancel)?;
     let q = |conn: &mut Conn, sql: &str| {
         conn.query_drop(sql)
-            .map_err(|e| Error::Server(format!("replay: {sql}: {e}")))
+            .map_err(|e| Error::Server(format!("replay: {}: {e}", sql.replace(&password, "***"))))
     };
     q(
         &mut conn,
@@ -481,7 +502,8 @@ fn replay_in(plan: &Plan, target: &Target, tmp: &Path, cancel: &Cancel) -> Resul
         &mut conn,
         &format!(
             "CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {port}, MASTER_USER = 'replay', \
-             MASTER_LOG_FILE = '{}', MASTER_LOG_POS = {}, MASTER_USE_GTID = no, MASTER_CONNECT_RETRY = 1",
+             MASTER_PASSWORD = '{password}', MASTER_LOG_FILE = '{}', MASTER_LOG_POS = {}, \
+             MASTER_USE_GTID = no, MASTER_CONNECT_RETRY = 1",
             plan.start.0, plan.start.1
         ),
     )?;
@@ -574,6 +596,49 @@ fn normalize(gtids: &str) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// Gives the serving server's datadir grant tables (`mariadb-install-db`, root reachable
+/// over the socket alone) and returns the replication user's password to be; None, with a
+/// warning, where that cannot be done (not root, no `mariadb-install-db`): the server then
+/// runs without authentication.
+fn secure_source(mariadbd: &Path, datadir: &Path) -> Option<String> {
+    let install = mariadbd
+        .parent()
+        .map(|d| d.join("mariadb-install-db"))
+        .into_iter()
+        .chain(
+            ["/usr/bin", "/usr/local/bin", "/usr/sbin"]
+                .map(|d| Path::new(d).join("mariadb-install-db")),
+        )
+        .find(|p| p.is_file());
+    let password = crate::net::tls::random_hex(16).ok();
+    let installed = match (&install, crate::sys::is_root(), password) {
+        (Some(install), true, Some(password)) => Command::new(install)
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", datadir.display()))
+            .args(["--user=root", "--skip-test-db", "--innodb-log-file-size=8M"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .ok()
+            .filter(|s| s.success())
+            .map(|_| password),
+        _ => None,
+    };
+    if installed.is_none() {
+        warn!(
+            "The server that serves the archive to the replay runs without authentication on 127.0.0.1 \
+             (mariadb-install-db {}): other users of this host could read the replayed changes meanwhile",
+            match (&install, crate::sys::is_root()) {
+                (None, _) => "not found",
+                (_, false) => "needs root here",
+                _ => "failed",
+            }
+        );
+    }
+    installed
 }
 
 /// The files' common base name (`bin` of `bin.000042`): one server's log.

@@ -185,6 +185,7 @@ fn restores_to_a_gtid_a_time_and_a_position_under_load_across_a_flush_a_restart_
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "copy-back {until:?}: {log}");
         assert!(log.contains(&format!("stands at GTID {gtid}")), "{log}");
+        assert!(!log.contains("without authentication"), "{log}");
         let restored = Server::start_on(&target, &[]);
         assert_eq!(restored.checksums("bank"), sums, "restored {until:?}");
         assert_bank_consistent(&restored);
