@@ -444,6 +444,16 @@ fn replay_in(plan: &Plan, target: &Target, tmp: &Path, cancel: &Cancel) -> Resul
         .arg("--skip-slave-start")
         .arg("--skip-grant-tables")
         .arg("--event-scheduler=OFF")
+        // Whatever the option file says, every event is applied as the source wrote it,
+        // and nothing joins a cluster or writes the host's audit or buffer pool files.
+        .arg("--slave-exec-mode=STRICT")
+        .arg("--slave-skip-errors=OFF")
+        .arg("--init-slave=")
+        .arg("--loose-wsrep-on=OFF")
+        .arg("--loose-wsrep-provider=none")
+        .arg("--loose-server-audit-logging=OFF")
+        .arg("--innodb-buffer-pool-load-at-startup=OFF")
+        .arg("--innodb-buffer-pool-dump-at-shutdown=OFF")
         .arg("--general-log=0")
         .arg("--slow-query-log=0")
         .arg(format!("--relay-log={}", tmp.join("relay").display()))
@@ -478,7 +488,7 @@ fn replay_in(plan: &Plan, target: &Target, tmp: &Path, cancel: &Cancel) -> Resul
         Some(password) => {
             source_conn
                 .query_drop(format!(
-                    "CREATE USER replay@'127.0.0.1' IDENTIFIED BY '{password}'; \
+                    "SET sql_log_bin = 0; CREATE USER replay@'127.0.0.1' IDENTIFIED BY '{password}'; \
                      GRANT REPLICATION SLAVE ON *.* TO replay@'127.0.0.1'"
                 ))
                 .map_err(|e| {
@@ -491,9 +501,24 @@ fn replay_in(plan: &Plan, target: &Target, tmp: &Path, cancel: &Cancel) -> Resul
     drop(source_conn);
     let mut conn = replica.wait_ready(cancel)?;
     let q = |conn: &mut Conn, sql: &str| {
-        conn.query_drop(sql)
-            .map_err(|e| Error::Server(format!("replay: {}: {e}", sql.replace(&password, "***"))))
+        conn.query_drop(sql).map_err(|e| {
+            let shown = match password.is_empty() {
+                true => sql.to_string(),
+                false => sql.replace(&password, "***"),
+            };
+            Error::Server(format!("replay: {shown}: {e}"))
+        })
     };
+    for filter in [
+        "replicate_do_db",
+        "replicate_ignore_db",
+        "replicate_do_table",
+        "replicate_ignore_table",
+        "replicate_wild_do_table",
+        "replicate_wild_ignore_table",
+    ] {
+        q(&mut conn, &format!("SET GLOBAL {filter} = ''"))?;
+    }
     q(
         &mut conn,
         &format!("SET GLOBAL gtid_slave_pos = '{}'", plan.backup_gtid),
@@ -617,10 +642,19 @@ fn secure_source(mariadbd: &Path, datadir: &Path) -> Option<String> {
         (Some(install), true, Some(password)) => Command::new(install)
             .arg("--no-defaults")
             .arg(format!("--datadir={}", datadir.display()))
-            .args(["--user=root", "--skip-test-db", "--innodb-log-file-size=8M"])
+            // --rpm: the script then leaves the host's PAM tool directory alone.
+            .args([
+                "--user=root",
+                "--rpm",
+                "--skip-test-db",
+                "--innodb-log-file-size=8M",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                fs::File::create(datadir.with_extension("install.err"))
+                    .map_or_else(|_| Stdio::null(), Stdio::from),
+            )
             .status()
             .ok()
             .filter(|s| s.success())

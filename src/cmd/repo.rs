@@ -275,14 +275,22 @@ pub fn restore(args: RepoRestoreArgs) -> Result<()> {
         name.push(".binlogs");
         PathBuf::from(name)
     });
-    let result = match &binlogs {
-        Some(dir) => fetch_binlogs(&repo, &snapshot, dir)
-            .and_then(|()| restore_via(&repo, &snapshot, &staging, Some(dir), &args, &cancel)),
-        None => restore_via(&repo, &snapshot, &staging, None, &args, &cancel),
+    // Created here (never an existing directory), so removed here.
+    let created = match &binlogs {
+        Some(dir) => fs::create_dir(dir).with_path("create", dir),
+        None => Ok(()),
     };
-    if let Some(dir) = &binlogs {
-        let _ = fs::remove_dir_all(dir);
-    }
+    let result = match (&binlogs, created) {
+        (_, Err(e)) => Err(e),
+        (Some(dir), Ok(())) => {
+            let fetched = fetch_binlogs(&repo, &snapshot, dir);
+            let result = fetched
+                .and_then(|()| restore_via(&repo, &snapshot, &staging, Some(dir), &args, &cancel));
+            let _ = fs::remove_dir_all(dir);
+            result
+        }
+        (None, Ok(())) => restore_via(&repo, &snapshot, &staging, None, &args, &cancel),
+    };
     if let Err(e) = fs::remove_dir_all(&staging) {
         error!(
             "cannot remove the staging directory {}: {e}",
