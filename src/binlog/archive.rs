@@ -267,11 +267,6 @@ impl Writer {
         Ok(())
     }
 
-    /// The name of the file being written.
-    pub fn current_name(&self) -> Option<&str> {
-        self.current.as_ref().map(|o| o.recorded.name.as_str())
-    }
-
     /// Starts a new file `name` (the previous one must be closed).
     pub fn begin(&mut self, name: &str) -> Result<()> {
         if self.current.is_none() && self.resume_point().is_some() {
@@ -394,11 +389,6 @@ impl Writer {
             }
         }
         Ok(ends)
-    }
-
-    /// Whether written bytes wait for a sync.
-    pub fn dirty(&self) -> bool {
-        self.current.as_ref().is_some_and(|o| o.unsynced)
     }
 
     /// The state of the archive up to the last whole transaction written.

@@ -58,13 +58,8 @@ pub fn run(opts: &Options, cancel: &Cancel) -> Result<()> {
             }
             Err(e) => return Err(e),
         }
-        let until = Instant::now() + backoff;
-        while Instant::now() < until {
-            if cancel.check().is_err() {
-                info!("Stopped: the archive ends at GTID {}", state_text(&archive));
-                return Ok(());
-            }
-            std::thread::sleep(POLL);
+        if stopped_within(backoff, cancel, &archive) {
+            return Ok(());
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
@@ -271,17 +266,9 @@ fn session(
                 received += ev.len() as u64;
                 let ended = archive.append(&ev)?;
                 if ended {
-                    let name = archive.current_name().unwrap_or_default().to_string();
                     archive.close()?;
                     last_sync = now;
-                    if let Some(f) = archive.files.last() {
-                        info!(
-                            "Archived {name}: {}, {} transactions, GTID {}",
-                            human(f.size),
-                            f.transactions,
-                            f.end.position_text()
-                        );
-                    }
+                    log_archived(archive);
                 } else if now - last_sync >= opts.sync_interval {
                     archive.commit()?;
                     last_sync = now;
@@ -401,23 +388,37 @@ pub fn run_from_files(
                 Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
             };
             archive.import(&name, &data)?;
-            if let Some(f) = archive.files.last() {
-                info!(
-                    "Archived {name}: {}, {} transactions, GTID {}",
-                    human(f.size),
-                    f.transactions,
-                    f.end.position_text()
-                );
-            }
+            log_archived(&archive);
         }
-        let until = Instant::now() + poll;
-        while Instant::now() < until {
-            if cancel.check().is_err() {
-                info!("Stopped: the archive ends at GTID {}", state_text(&archive));
-                return Ok(());
-            }
-            std::thread::sleep(POLL);
+        if stopped_within(poll, cancel, &archive) {
+            return Ok(());
         }
+    }
+}
+
+/// Waits `wait`, or until a signal says stop (then logs where the archive ends).
+fn stopped_within(wait: Duration, cancel: &Cancel, archive: &Writer) -> bool {
+    let until = Instant::now() + wait;
+    while Instant::now() < until {
+        if cancel.check().is_err() {
+            info!("Stopped: the archive ends at GTID {}", state_text(archive));
+            return true;
+        }
+        std::thread::sleep(POLL);
+    }
+    false
+}
+
+/// Logs the file the archive has just ended.
+fn log_archived(archive: &Writer) {
+    if let Some(f) = archive.files.last() {
+        info!(
+            "Archived {}: {}, {} transactions, GTID {}",
+            f.name,
+            human(f.size),
+            f.transactions,
+            f.end.position_text()
+        );
     }
 }
 

@@ -179,25 +179,6 @@ impl Mirror {
     }
 }
 
-/// The newest index of each archived file of `host`, in archive order.
-pub fn indexes(repo: &Repo, host: &str) -> Result<Vec<FileIndex>> {
-    let prefix = host_prefix(repo, host);
-    let mut out = Vec::new();
-    for (file, list) in pieces(repo, &prefix)? {
-        let Some(last) = list.last() else { continue };
-        let name = format!(
-            "{}{INDEX_SUFFIX}",
-            piece_name(&prefix, &file, last.start, last.end)
-        );
-        let index: FileIndex = repo
-            .get_json(&name)?
-            .ok_or_else(|| Error::Corrupt(format!("{name} vanished from the repository")))?;
-        out.push(index);
-    }
-    out.sort_by_key(|f| f.order);
-    Ok(out)
-}
-
 /// Writes the archive of `host` into the directory `dir` (new or empty), the files whose
 /// `keep` says so whole, the others as their index alone (enough for a listing).
 pub fn fetch(repo: &Repo, host: &str, dir: &Path, keep: &dyn Fn(&FileIndex) -> bool) -> Result<()> {

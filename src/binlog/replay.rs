@@ -39,6 +39,15 @@ pub enum Until {
 }
 
 impl Until {
+    /// The target the command line names, if any.
+    pub fn of(args: &crate::cli::UntilArgs) -> Result<Option<Until>> {
+        Until::parse(
+            args.until_time.as_deref(),
+            args.until_gtid.as_deref(),
+            args.until_position.as_deref(),
+        )
+    }
+
     /// From the command line's `--until-time`, `--until-gtid`, `--until-position`.
     pub fn parse(
         time: Option<&str>,

@@ -233,12 +233,7 @@ fn each_file(
 pub fn restore(args: RepoRestoreArgs) -> Result<()> {
     let cancel = super::on_signals()?;
     let repo = open(&args.repo)?;
-    let u = &args.until;
-    let until = Until::parse(
-        u.until_time.as_deref(),
-        u.until_gtid.as_deref(),
-        u.until_position.as_deref(),
-    )?;
+    let until = Until::of(&args.until)?;
     let snapshot = match &until {
         Some(until) if args.snapshot == "latest" => {
             newest_before(&repo, until, args.host.as_deref())?

@@ -246,12 +246,7 @@ pub fn run(args: &RestoreArgs, mode: Mode, cancel: &Cancel) -> Result<()> {
 
 /// The replay of archived binary logs asked for, worked out before anything is restored.
 fn replay_plan(args: &RestoreArgs) -> Result<Option<replay::Plan>> {
-    let u = &args.until;
-    let until = Until::parse(
-        u.until_time.as_deref(),
-        u.until_gtid.as_deref(),
-        u.until_position.as_deref(),
-    )?;
+    let until = Until::of(&args.until)?;
     let (dir, until) = match (&args.binlog_dir, until) {
         (Some(dir), Some(until)) => (dir, until),
         (None, None) => return Ok(None),
