@@ -393,13 +393,20 @@ fn replay_in(plan: &Plan, target: &Target, tmp: &Path, cancel: &Cancel) -> Resul
     fs::create_dir(&source_dir).with_path("create", &source_dir)?;
     let base = base_name(&plan.files)?;
     let mut index = String::new();
+    // Copied, not read again: `plan` checked every byte up to each index's size, and an
+    // archived file only grows past it (an archiver may still be writing).
     for f in &plan.files {
-        let mut data = archive::read_file(&plan.dir, f)?;
-        if f.name == plan.stop.0 {
-            data.truncate(plan.stop.1 as usize);
-        }
         let path = source_dir.join(&f.name);
-        fs::write(&path, &data).with_path("write", &path)?;
+        fs::copy(plan.dir.join(&f.name), &path).with_path("copy", &path)?;
+        let len = match f.name == plan.stop.0 {
+            true => plan.stop.1,
+            false => f.size,
+        };
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|file| file.set_len(len))
+            .with_path("truncate", &path)?;
         index.push_str(&format!("{}\n", path.display()));
     }
     let index_path = source_dir.join(format!("{base}.index"));

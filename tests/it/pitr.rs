@@ -157,13 +157,10 @@ fn restores_to_a_gtid_a_time_and_a_position_under_load_across_a_flush_a_restart_
             "{f} differs from the server's"
         );
     }
-    let out = Command::new(bin())
-        .args(["binlog", "verify", "--target-dir"])
-        .arg(&archive)
-        .arg("--backup-dir")
-        .arg(&backup)
-        .output()
-        .unwrap();
+    let out = binlog(
+        &["verify", "--backup-dir", backup.to_str().unwrap()],
+        &archive,
+    );
     assert!(
         out.status.success(),
         "binlog verify: {}\n{archiver_log}",
